@@ -1,0 +1,69 @@
+"""create_app(settings) -> web.Application: wiring only (routes, middleware, long-lived resources)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import structlog
+import yarl
+from aiohttp import web
+
+from proxy import __version__, mappings
+from proxy.emulator import EmulatorSettings, create_emulator_app
+from proxy.middleware import v2_edge
+from proxy.settings import Settings
+from proxy.state import MAPPINGS, SETTINGS, UPSTREAM_URL, V3
+from proxy.v2 import handlers as v2
+from proxy.v3.client import V3Client
+
+MiB = 1024 * 1024
+log = structlog.get_logger("proxy")
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v2/upscale", v2.upscale)
+    app.router.add_get("/v2/progress", v2.progress)
+
+
+def embedded_emulator(settings: EmulatorSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """`serve --emulate-v3`: the V3 emulator on its own port in this process, used as the upstream."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(create_emulator_app(settings), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        port = runner.addresses[0][1]
+        app[UPSTREAM_URL] = str(yarl.URL.build(scheme="http", host=settings.host, port=port))
+        log.info("emulator listening", url=app[UPSTREAM_URL])
+        yield
+        await runner.cleanup()
+
+    return ctx
+
+
+async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+    """One pooled ClientSession for the app's lifetime, with explicit timeouts."""
+    s = app[SETTINGS]
+    timeout = aiohttp.ClientTimeout(total=s.upstream_timeout, connect=s.upstream_connect_timeout)
+    connector = aiohttp.TCPConnector(limit=s.upstream_max_connections)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers={"User-Agent": f"upscale-v2-proxy/{__version__}"},
+    ) as session:
+        app[V3] = V3Client(session, app[UPSTREAM_URL], app[MAPPINGS].errors,
+                           retries=s.upstream_retries, backoff=s.upstream_retry_backoff)
+        yield
+
+
+def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
+    """The proxy. With `settings.emulate_v3`, the emulator (`emulator` settings) is its upstream."""
+    settings = settings or Settings()
+    app = web.Application(middlewares=[v2_edge], client_max_size=settings.max_body_mb * MiB)
+    app[SETTINGS] = settings
+    app[MAPPINGS] = mappings.load()
+    app[UPSTREAM_URL] = settings.upstream
+    if settings.emulate_v3:
+        app.cleanup_ctx.append(embedded_emulator(emulator or EmulatorSettings()))
+    app.cleanup_ctx.append(upstream_client)
+    setup_routes(app)
+    return app

@@ -1,0 +1,100 @@
+"""upscale-v2-proxy serve | emulator
+
+Every option can also be set by environment variable (UPSCALE_PROXY_*, emulator:
+UPSCALE_PROXY_EMULATOR_*); an option given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from proxy import logs
+from proxy.emulator import EmulatorSettings, create_emulator_app
+from proxy.mappings import MappingsError
+from proxy.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="upscale-v2-proxy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the V2 proxy")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--upstream", help="V3 base URL (default https://api.novita.ai)")
+    serve.add_argument("--emulate-v3", action="store_true", default=None,
+                       help="run the built-in V3 emulator in this process and use it as the upstream")
+    serve.add_argument("--emulator-port", type=int, dest="emulator_port",
+                       help="port of the built-in emulator with --emulate-v3 (default 9090)")
+
+    emu = sub.add_parser("emulator", help="run the V3 emulator alone")
+    emu.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    emu.add_argument("--port", type=int, help="port to listen on (default 9090)")
+    emu.add_argument("--queue-delay", type=float, help="seconds a task stays QUEUED")
+    emu.add_argument("--process-delay", type=float, help="seconds a task stays PROCESSING")
+
+    for command in (serve, emu):
+        command.add_argument("--log-format", choices=["auto", "json", "console"])
+        command.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
+    """Build settings from the environment and the given options; exit 2 naming a bad setting."""
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        prefix = cls.model_config["env_prefix"]
+        print(f"upscale-v2-proxy: invalid configuration ({prefix}* or the matching option):",
+              file=sys.stderr)
+        for err in e.errors(include_url=False):
+            name = ".".join(map(str, err["loc"]))
+            print(f"  {prefix}{name.upper()} / --{name.replace('_', '-')}: {err['msg']}"
+                  f" (got {err.get('input')!r})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    log_opts = {"log_format": args.pop("log_format"), "log_level": args.pop("log_level")}
+    log = structlog.get_logger("proxy")
+
+    if command == "emulator":
+        emulator = _settings(EmulatorSettings, args)
+        logs.configure(log_opts["log_format"] or "auto", log_opts["log_level"] or "info")
+        log.info("emulator listening", url=f"http://{emulator.host}:{emulator.port}")
+        web.run_app(create_emulator_app(emulator), host=emulator.host, port=emulator.port,
+                    access_log=None, print=None, loop=_new_loop())
+        return
+
+    emulator = _settings(EmulatorSettings, {"port": args.pop("emulator_port")})
+    settings = _settings(Settings, {**args, **log_opts})
+    logs.configure(settings.log_format, settings.log_level)
+    from proxy.app import create_app
+
+    try:
+        app = create_app(settings, emulator)
+    except MappingsError as e:
+        print(f"upscale-v2-proxy: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("proxy listening", url=f"http://{settings.host}:{settings.port}",
+             upstream="emulator" if settings.emulate_v3 else settings.upstream)
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
+                loop=_new_loop())

@@ -1,0 +1,33 @@
+"""V2 result codes and the one exception type that carries them to the edge."""
+
+from enum import IntEnum
+
+
+class V2Code(IntEnum):
+    """The `code` of every V2 reply (spec section 3)."""
+
+    NORMAL = 0
+    INTERNAL_ERROR = -1
+    INVALID_JSON = 1
+    MODEL_NOT_EXIST = 2
+    TASK_ID_NOT_EXIST = 3
+    INVALID_AUTH = 4
+    HOST_UNAVAILABLE = 5
+    PARAM_RANGE_OUT_OF_LIMIT = 6
+    COST_BALANCE_FAILURE = 7
+    SAMPLER_NOT_EXIST = 8
+    TIMEOUT = 9
+    NOT_SUPPORT = 10
+
+
+class V2Error(Exception):
+    """An error the client is told about: raised anywhere, turned into a V2 body by the middleware.
+
+    `upstream_status` is the V3 HTTP status when the error came from upstream (for the log line).
+    """
+
+    def __init__(self, code: V2Code, msg: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.upstream_status = upstream_status

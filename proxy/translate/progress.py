@@ -1,0 +1,68 @@
+"""V3 task result -> the V2 progress `data` (spec section 2): every field, always present."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from proxy.v3.models import TaskResult
+
+FINAL = frozenset({2, 3, 4})
+
+
+def v2_time(ms: int) -> str:
+    """Epoch ms -> `YYYY-MM-DD HH:MM:SS` in UTC; "" when unknown."""
+    if ms <= 0:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _number(x: float) -> float | int:
+    """1 rather than 1.0, as V2's own encoder wrote whole numbers."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _progress(status: int, result: TaskResult, now_ms: int) -> float:
+    if status in FINAL:
+        return 1
+    if result.task.progress_percent > 0:
+        return min(result.task.progress_percent / 100, 0.99)
+    started = result.extra.debug_info.execute_time_ms
+    eta = result.task.eta
+    if status == 1 and started > 0 and eta > 0:  # elapsed share of elapsed + remaining
+        elapsed = max(now_ms - started, 0) / 1000
+        return _number(round(min(elapsed / (elapsed + eta), 0.99), 2))
+    return 0
+
+
+def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int | None = None) -> dict:
+    status = status_table.get(result.task.status, 1)  # unknown: still running
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    times = result.extra.debug_info
+    images = result.images or []
+    nsfw = result.extra.enable_nsfw_detection
+    return {
+        "status": status,
+        "progress": _progress(status, result, now_ms),
+        "eta_relative": 0 if status in FINAL else _number(max(result.task.eta, 0)),
+        "imgs": [img.image_url for img in images] if status == 2 else None,
+        "failed_reason": result.task.reason if status == 3 else "",
+        "current_images": [],
+        "submit_time": v2_time(times.submit_time_ms),
+        "execution_time": v2_time(times.execute_time_ms),
+        "txt2img_time": v2_time(times.complete_time_ms),
+        "finish_time": v2_time(times.complete_time_ms),
+        "info": "",
+        "enable_nsfw_detection": nsfw,
+        "nsfw_detection_result": [
+            {"valid": img.nsfw_detection_result.valid,
+             "confidence": _number(img.nsfw_detection_result.confidence)}
+            for img in images if nsfw and img.nsfw_detection_result is not None
+        ],
+        "debug_info": {
+            "submit_time_ms": times.submit_time_ms,
+            "execution_time_ms": times.execute_time_ms,
+            "txt2img_time_ms": times.complete_time_ms,
+            "finish_time_ms": times.complete_time_ms,
+        },
+    }

@@ -1,0 +1,53 @@
+"""The V2 upscale body (spec section 1), every field but `image`, which is handled as raw bytes.
+
+Legacy SDKs send every field, nulls included; null means "not set". Types are checked strictly
+(a string is never taken for a number) except that an integral float is accepted for an int.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from proxy.errors import V2Code, V2Error
+
+
+def _integral_float(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float)]
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+# pydantic error types that mean "a value out of its range" (V2 code 6); anything else is code 1
+RANGE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error",
+    "finite_number",
+})
+
+
+class V2UpscaleOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    upscaler_1: str | None = None
+    resize_mode: Annotated[Literal[0, 1], BeforeValidator(_integral_float)] | None = None
+    upscaling_resize: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    upscaling_resize_w: Annotated[Int, Field(ge=1)] | None = None
+    upscaling_resize_h: Annotated[Int, Field(ge=1)] | None = None
+    upscaling_crop: bool | None = None
+    upscaler_2: str | None = None
+    extras_upscaler_2_visibility: Unit | None = None
+    gfpgan_visibility: Unit | None = None
+    codeformer_visibility: Unit | None = None
+    codeformer_weight: Unit | None = None
+    img_expire_ttl: Annotated[Int, Field(ge=0, le=604800)] | None = None
+
+
+def validate_options(doc: dict) -> V2UpscaleOptions:
+    """The V2 fields of a parsed body, or a V2Error naming the first bad field."""
+    try:
+        return V2UpscaleOptions.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = str(err["loc"][0]) if err["loc"] else "body"
+        code = V2Code.PARAM_RANGE_OUT_OF_LIMIT if err["type"] in RANGE_ERRORS else V2Code.INVALID_JSON
+        raise V2Error(code, f"{field}: {err['msg']}") from None

@@ -1,0 +1,35 @@
+"""The V3 upscale request body, written around the client's base64 text without copying it."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import payload
+from aiohttp.abc import AbstractStreamWriter
+
+
+class UpscaleBody(payload.Payload):
+    """`{"extra": {...}, "request": {..., "image_base64": "<the client's bytes>"}}`.
+
+    The image is a view of the V2 request body; only the small JSON around it is new, so a 4 MB
+    image is never copied into a second 4 MB string before it reaches the socket.
+    """
+
+    def __init__(self, model: str, scale_factor: float, image_b64: memoryview | bytes,
+                 response_image_type: str = "png") -> None:
+        head = orjson.dumps({
+            "extra": {"response_image_type": response_image_type},
+            "request": {"model_name": model, "scale_factor": scale_factor},
+        })
+        # reopen the innermost object and append the image field last
+        self._head = head[:-2] + b',"image_base64":"'
+        self._tail = b'"}}'
+        super().__init__(image_b64, content_type="application/json")
+        self._size = len(self._head) + len(image_b64) + len(self._tail)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await writer.write(self._head)
+        await writer.write(self._value)
+        await writer.write(self._tail)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return (self._head + bytes(self._value) + self._tail).decode(encoding, errors)
