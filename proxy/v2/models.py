@@ -4,7 +4,7 @@ Legacy SDKs send every field, nulls included; null means "not set". Types are ch
 (a string is never taken for a number) except that an integral float is accepted for an int.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -29,7 +29,7 @@ class V2UpscaleOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     upscaler_1: str | None = None
-    resize_mode: Annotated[Literal[0, 1], BeforeValidator(_integral_float)] | None = None
+    resize_mode: Annotated[Int, Field(ge=0, le=1)] | None = None
     upscaling_resize: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     upscaling_resize_w: Annotated[Int, Field(ge=1)] | None = None
     upscaling_resize_h: Annotated[Int, Field(ge=1)] | None = None

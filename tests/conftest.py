@@ -1,0 +1,74 @@
+"""Real servers on loopback: the V3 emulator and the proxy in front of it, over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy import logs
+from proxy.app import create_app
+from proxy.emulator import EMULATOR, EmulatorSettings, create_emulator_app
+from proxy.emulator.app import Emulator
+from proxy.settings import Settings
+
+class LogLines:
+    """What the proxy logged during a test, as parsed JSON lines."""
+
+    def __init__(self) -> None:
+        self.stream = io.BytesIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue().decode()
+
+    def __iter__(self):
+        return iter(json.loads(line) for line in self.text.splitlines() if line)
+
+    def requests(self) -> list[dict]:
+        return [line for line in self if line["event"] == "request"]
+
+
+@pytest.fixture(autouse=True)
+def log_lines() -> LogLines:
+    lines = LogLines()
+    logs.configure("json", "debug", stream=lines.stream, cache=False)
+    return lines
+
+
+@pytest.fixture
+def start_emulator(aiohttp_server) -> Callable[..., Awaitable[tuple[TestServer, Emulator]]]:
+    """Start a V3 emulator on loopback; fast delays unless overridden."""
+
+    async def start(**overrides) -> tuple[TestServer, Emulator]:
+        settings = EmulatorSettings(**{"queue_delay": 0.05, "process_delay": 0.05, **overrides})
+        app = create_emulator_app(settings)
+        server = await aiohttp_server(app)
+        return server, app[EMULATOR]
+
+    return start
+
+
+@pytest.fixture
+def start_proxy(aiohttp_client) -> Callable[..., Awaitable[TestClient]]:
+    """A client of the proxy, in front of `upstream` (a URL)."""
+
+    async def start(upstream: str, **overrides) -> TestClient:
+        settings = Settings(**{"upstream": upstream, "upstream_retry_backoff": 0.01, **overrides})
+        return await aiohttp_client(create_app(settings))
+
+    return start
+
+
+@pytest.fixture
+async def emulator(start_emulator) -> tuple[TestServer, Emulator]:
+    return await start_emulator()
+
+
+@pytest.fixture
+async def proxy(emulator, start_proxy) -> TestClient:
+    server, _ = emulator
+    return await start_proxy(str(server.make_url("")))

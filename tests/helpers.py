@@ -1,0 +1,44 @@
+"""Helpers for tests that talk to the proxy like a V2 client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from aiohttp.test_utils import TestClient
+
+KEY = "sk-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def v2_call(client: TestClient, method: str, path: str, **kw) -> dict:
+    """One V2 call; asserts what every V2 reply must be: HTTP 200, JSON, the V2 envelope."""
+    kw.setdefault("headers", AUTH)
+    async with client.request(method, path, **kw) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "application/json"
+        doc = await resp.json()
+    assert set(doc) == {"code", "msg", "data"}
+    return doc
+
+
+async def upscale(client: TestClient, body: dict, **kw) -> dict:
+    return await v2_call(client, "POST", "/v2/upscale", json=body, **kw)
+
+
+async def poll_until_done(client: TestClient, task_id: str, **kw) -> dict:
+    for _ in range(200):
+        doc = await v2_call(client, "GET", f"/v2/progress?task_id={task_id}", **kw)
+        assert doc["code"] == 0, doc
+        if doc["data"]["status"] in (2, 3, 4):
+            return doc["data"]
+        await asyncio.sleep(0.02)
+    raise AssertionError("task never finished")
+
+
+def closed_port_url() -> str:
+    """A loopback URL nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

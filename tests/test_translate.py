@@ -1,0 +1,198 @@
+"""Pure pieces, no server: body splitting, image probing, the Plan, error and progress mapping."""
+
+import base64
+import json
+import shutil
+
+import pytest
+
+from proxy import mappings
+from proxy.errors import V2Error
+from proxy.translate.errors import from_v3_error
+from proxy.translate.plan import plan_upscale
+from proxy.translate.progress import progress_data
+from proxy.v2.body import split_image
+from proxy.v2.image import ImageInfo, probe
+from proxy.v2.models import V2UpscaleOptions
+from proxy.v3.models import TaskResult
+from proxy.v3.payload import UpscaleBody
+from tests.images import b64, encode, pattern
+
+M = mappings.load()
+
+
+# --- body -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b'{"image": "QUJD", "upscaling_resize": 2}',
+    b'{ "upscaling_resize" : 2 ,\n "image"\t:\t"QUJD" }',
+    b'{"upscaler_1": "image", "image": "QUJD", "upscaling_resize": 2}',
+    b'{"meta": {"image": "nested"}, "image": "QUJD", "upscaling_resize": 2}',
+    b'{"image": "QU\\/D", "upscaling_resize": 2}',
+    b'{"image": "x", "image": "QUJD", "upscaling_resize": 2}',
+    b'{"\\u0069mage": "QUJD", "upscaling_resize": 2}',
+])
+def test__split_image__means_what_a_full_parse_means(raw):
+    doc, image = split_image(raw)
+    full = json.loads(raw)
+    assert bytes(image) == full["image"].encode()
+    without_image = {k: v for k, v in full.items() if k != "image"}
+    assert {k: v for k, v in doc.items() if k != "image"} == without_image
+
+
+def test__split_image__unescapes_json_escapes():
+    _, image = split_image(b'{"image": "ab\\/cd"}')
+    assert bytes(image) == b"ab/cd"
+
+
+def test__split_image__fast_path_keeps_a_view_of_the_body():
+    raw = b'{"image": "' + b"A" * 1000 + b'"}'
+    _, image = split_image(raw)
+    assert isinstance(image, memoryview) and image.obj is raw
+
+
+def test__split_image__strips_a_data_uri():
+    _, image = split_image(b'{"image": "data:image/jpeg;base64,QUJD"}')
+    assert bytes(image) == b"QUJD"
+
+
+def test__upscale_body__writes_the_image_into_valid_v3_json():
+    image = memoryview(b'{"image": "QUJD"}')[11:15]
+    body = UpscaleBody("4x-UltraSharp", 2.5, image)
+    doc = json.loads(body.decode())
+    assert doc == {"extra": {"response_image_type": "png"},
+                   "request": {"model_name": "4x-UltraSharp", "scale_factor": 2.5, "image_base64": "QUJD"}}
+    assert body.size == len(body.decode())
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
+                                           ("JPEG", "RGB"), ("WEBP", "RGB"), ("BMP", "RGB"), ("GIF", "P")])
+def test__probe__reads_format_and_size(fmt, mode):
+    raw = encode(pattern(37, 23, mode), fmt)
+    info, text = probe(base64.b64encode(raw))
+    assert (info.format, info.width, info.height, info.nbytes) == (fmt, 37, 23, len(raw))
+
+
+def test__probe__finds_a_jpeg_header_behind_a_large_exif_block():
+    im = pattern(40, 30)
+    exif = im.getexif()
+    exif[0x010E] = "x" * 60000  # ImageDescription: pushes the frame header past the first chunk
+    raw = encode(im, "JPEG", exif=exif.tobytes())
+    info, _ = probe(base64.b64encode(raw))
+    assert (info.format, info.width, info.height) == ("JPEG", 40, 30)
+
+
+def test__probe__rejects_padding_inside_the_text():
+    first = base64.b64encode(encode(pattern(300, 300), "PNG"))
+    broken = first[:64 * 1024 - 1] + b"=" + first[64 * 1024:]
+    with pytest.raises(V2Error) as e:
+        probe(broken)
+    assert e.value.code == 6
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+def info(w, h) -> ImageInfo:
+    return ImageInfo("PNG", w, h, 1000, "RGB")
+
+
+@pytest.mark.parametrize(("factor", "size", "target"), [
+    (2, (64, 48), (128, 96)), (4, (512, 512), (2048, 2048)), (1.01, (99, 33), (99, 33)),
+    (3.3, (10, 7), (33, 23)),
+])
+def test__plan__direct_job_and_target(factor, size, target):
+    plan = plan_upscale(V2UpscaleOptions(upscaling_resize=factor, upscaler_1="4x-UltraSharp"), info(*size), M)
+    assert plan.jobs[0].model == "4x-UltraSharp" and plan.jobs[0].scale_factor == factor
+    assert plan.target == target and plan.warn == ""
+
+
+def test__plan__output_over_2048_is_code_6_even_where_local_work_would_be_refused():
+    with pytest.raises(V2Error) as e:
+        plan_upscale(V2UpscaleOptions(resize_mode=1, upscaling_resize_w=4096, upscaling_resize_h=10), info(10, 10), M)
+    assert e.value.code == 6
+
+
+def test__plan__scale_to_cover_without_crop_can_exceed_2048():
+    opts = V2UpscaleOptions(resize_mode=1, upscaling_resize_w=2048, upscaling_resize_h=100)
+    with pytest.raises(V2Error) as e:
+        plan_upscale(opts, info(100, 200), M)  # cover factor 20.48 -> 2048 x 4096
+    assert e.value.code == 6 and "2048x4096" in e.value.msg
+
+
+def test__plan__scale_to_without_size_is_code_1():
+    with pytest.raises(V2Error) as e:
+        plan_upscale(V2UpscaleOptions(resize_mode=1, upscaling_resize_w=100), info(10, 10), M)
+    assert e.value.code == 1 and "upscaling_resize_h" in e.value.msg
+
+
+def test__plan__long_img_expire_ttl_warns():
+    plan = plan_upscale(V2UpscaleOptions(img_expire_ttl=7200, upscaler_1="4x-UltraSharp"), info(8, 8), M)
+    assert "img_expire_ttl 7200" in plan.warn
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "body", "code"), [
+    (400, b'{"reason": "SOMETHING_NEW"}', 1),
+    (403, b"<html>forbidden</html>", 4),
+    (418, b"", 1),
+    (500, b"oops", -1),
+    (502, b"<html>bad gateway</html>", 5),
+    (504, b"", 9),
+    (599, b"", -1),
+    (403, b'{"code": 403, "reason": "BILLING_BALANCE_NOT_ENOUGH", "message": "x"}', 7),
+])
+def test__v3_error__maps_by_reason_then_status(status, body, code):
+    err = from_v3_error(status, body, M.errors)
+    assert err.code == code and err.upstream_status == status
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+def result(status: str, **task) -> TaskResult:
+    return TaskResult.model_validate({
+        "extra": {"debug_info": {"submit_time_ms": "1000", "execute_time_ms": "2000", "complete_time_ms": "0"}},
+        "task": {"task_id": "t", "status": status, **task},
+    })
+
+
+def test__progress__processing_estimates_from_elapsed_and_eta():
+    data = progress_data(result("TASK_STATUS_PROCESSING", eta=3), M.task_status, now_ms=5000)
+    assert data["status"] == 1 and data["progress"] == 0.5 and data["eta_relative"] == 3
+
+
+@pytest.mark.parametrize("status", ["TASK_STATUS_UNKNOWN", "TASK_STATUS_SOMETHING_NEW"])
+def test__progress__unknown_statuses_are_running(status):
+    assert progress_data(result(status), M.task_status, now_ms=5000)["status"] == 1
+
+
+# --- mappings ---------------------------------------------------------------------------------
+
+def test__mappings__unknown_v3_model_stops_the_boot(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(mappings.default_dir(), folder)
+    text = (folder / "upscalers.toml").read_text().replace('"4x-UltraSharp"\nexact', '"8x-Imaginary"\nexact')
+    (folder / "upscalers.toml").write_text(text)
+    with pytest.raises(mappings.MappingsError) as e:
+        mappings.load(folder)
+    assert "upscalers.toml" in str(e.value) and "v3_model" in str(e.value)
+
+
+def test__mappings__unknown_v2_code_stops_the_boot(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(mappings.default_dir(), folder)
+    text = (folder / "errors.toml").read_text().replace("TASK_NOT_FOUND = 3", "TASK_NOT_FOUND = 42")
+    (folder / "errors.toml").write_text(text)
+    with pytest.raises(mappings.MappingsError) as e:
+        mappings.load(folder)
+    assert "errors.toml" in str(e.value) and "TASK_NOT_FOUND" in str(e.value)
+
+
+def test__every_listed_upscaler__plans_or_is_refused_by_name():
+    for name in M.upscalers.upscalers:
+        try:
+            plan_upscale(V2UpscaleOptions(upscaler_1=name), info(32, 32), M)
+        except V2Error as e:
+            assert e.code == 10 and name in e.msg
