@@ -9,7 +9,7 @@ import structlog
 import yarl
 from aiohttp import web
 
-from proxy import __version__, mappings
+from proxy import __version__, logs, mappings
 from proxy.emulator import EmulatorSettings, create_emulator_app
 from proxy.middleware import v2_edge
 from proxy.settings import Settings
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[SETTINGS] = settings
     app[MAPPINGS] = mappings.load()
     app[UPSTREAM_URL] = settings.upstream
+    app.cleanup_ctx.append(logs.flush_periodically)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator or EmulatorSettings()))
     app.cleanup_ctx.append(upstream_client)

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         emulator = _settings(EmulatorSettings, args)
         logs.configure(log_opts["log_format"] or "auto", log_opts["log_level"] or "info")
         log.info("emulator listening", url=f"http://{emulator.host}:{emulator.port}")
-        web.run_app(create_emulator_app(emulator), host=emulator.host, port=emulator.port,
+        app = create_emulator_app(emulator)
+        app.cleanup_ctx.append(logs.flush_periodically)
+        web.run_app(app, host=emulator.host, port=emulator.port,
                     access_log=None, print=None, loop=_new_loop())
         return
 

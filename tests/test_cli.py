@@ -26,17 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Process:
+    output = ""  # its stdout, once it has stopped
+
+
 @contextmanager
 def running(*args: str, port: int, env: dict | None = None):
-    """Run `python -m proxy ARGS` until the block ends; yields a function returning its stdout."""
+    """Run `python -m proxy ARGS` until the block ends, then stop it gracefully (SIGTERM)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=out, stderr=err,
                                 env={**os.environ, **(env or {})})
-
-        def output() -> str:
-            out.seek(0)
-            return out.read().decode()
-
+        result = Process()
         try:
             for _ in range(200):
                 with socket.socket() as s:
@@ -46,10 +46,12 @@ def running(*args: str, port: int, env: dict | None = None):
                     err.seek(0)
                     raise AssertionError(err.read().decode())
                 time.sleep(0.05)
-            yield output
+            yield result
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+            out.seek(0)
+            result.output = out.read().decode()
 
 
 class LegacyClient:
@@ -86,7 +88,7 @@ class LegacyClient:
 def test__serve_emulate_v3__legacy_client_submits_polls_and_downloads():
     port, emulator_port = free_port(), free_port()
     with running("serve", "--emulate-v3", "--port", str(port), "--emulator-port", str(emulator_port),
-                 port=port) as output:
+                 port=port) as proc:
         client = LegacyClient(f"http://127.0.0.1:{port}", {"X-Omni-Key": KEY})
         image = base64.b64encode(encode(pattern(120, 80), "JPEG")).decode()
         data = client.upscale_and_wait({"image": image, "upscaler_1": "R-ESRGAN 4x+ Anime6B",
@@ -95,7 +97,7 @@ def test__serve_emulate_v3__legacy_client_submits_polls_and_downloads():
             assert decode(resp.read()).size == (360, 240)
         refused = LegacyClient(f"http://127.0.0.1:{port}", {}).call("/v2/upscale", {"image": image})
         assert refused["code"] == 4
-        out = output()
+    out = proc.output  # after a graceful stop, which flushes the log
     lines = [json.loads(line) for line in out.splitlines()]  # JSON lines: stdout is not a terminal
     assert any(line["event"] == "proxy listening" for line in lines)
     requests = [line for line in lines if line["event"] == "request"]

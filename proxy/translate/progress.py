@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from proxy.v3.models import TaskResult
 
@@ -12,9 +13,12 @@ FINAL = frozenset({2, 3, 4})
 
 def v2_time(ms: int) -> str:
     """Epoch ms -> `YYYY-MM-DD HH:MM:SS` in UTC; "" when unknown."""
-    if ms <= 0:
-        return ""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return _v2_time(ms // 1000) if ms > 0 else ""
+
+
+@lru_cache(maxsize=4096)  # the same few seconds recur in every poll of a task
+def _v2_time(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _number(x: float) -> float | int:

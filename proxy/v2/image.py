@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -84,7 +85,17 @@ def _repair(text: memoryview | bytes) -> bytes:
     return cleaned + b"=" * (-len(cleaned) % 4)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+_PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+
+
 def _header(data: bytes, nbytes: int) -> ImageInfo | None:
+    # PNG, by far the most common input, from its fixed-layout IHDR: a third of the cost of a
+    # small submission went to Pillow's open() here. Everything else goes through Pillow.
+    if data[:16] == _PNG_SIGNATURE and len(data) >= 26 and data[25] in _PNG_MODES:
+        width, height = struct.unpack(">II", data[16:24])
+        if width and height:
+            return ImageInfo("PNG", width, height, nbytes, _PNG_MODES[data[25]])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -11,9 +11,11 @@ import asyncio
 import random
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from proxy.errors import V2Code, V2Error
 from proxy.mappings import ErrorTable
@@ -37,18 +39,20 @@ class V3Client:
                  retries: int = 2, backoff: float = 0.1) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
+        self._submit_url = URL(f"{self._base}/v3/async/upscale")
         self._errors = errors
         self._retries = retries
         self._backoff = backoff
 
     async def submit(self, body: UpscaleBody, key: str) -> tuple[str, int]:
         """POST /v3/async/upscale -> (V3 task id, HTTP status)."""
-        reply = await self._call("POST", "/v3/async/upscale", key, data=body)
+        reply = await self._call("POST", self._submit_url, key, data=body)
         return self._parse(reply, SubmitReply).task_id, reply.status
 
     async def task_result(self, task_id: str, key: str) -> tuple[TaskResult, int]:
         """GET /v3/async/task-result -> (the task result, HTTP status)."""
-        reply = await self._call("GET", "/v3/async/task-result", key, params={"task_id": task_id})
+        url = URL(f"{self._base}/v3/async/task-result?task_id={quote(task_id, safe='')}", encoded=True)
+        reply = await self._call("GET", url, key)
         return self._parse(reply, TaskResult), reply.status
 
     def _parse(self, reply: Reply, model: type[M]) -> M:
@@ -60,12 +64,12 @@ class V3Client:
             raise V2Error(V2Code.INTERNAL_ERROR, "upstream sent a reply the proxy cannot read",
                           upstream_status=reply.status) from e
 
-    async def _call(self, method: str, path: str, key: str, **kwargs) -> Reply:
+    async def _call(self, method: str, url: URL, key: str, **kwargs) -> Reply:
         headers = {"Authorization": f"Bearer {key}"}
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                async with self._session.request(method, self._base + path, headers=headers, **kwargs) as resp:
+                async with self._session.request(method, url, headers=headers, **kwargs) as resp:
                     body = await resp.read()
                     if method != "GET" or last or resp.status not in RETRY_STATUSES:
                         return Reply(resp.status, body)

@@ -1,0 +1,29 @@
+# The two commands of the README:  make run  (the proxy in front of the built-in V3 emulator)
+#                                   make test (the whole test suite)
+# Both set up a virtual environment in .venv first (once, and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(VENV)/bin/upscale-v2-proxy serve --emulate-v3 --host $(HOST) --port $(PORT)
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	tests/bench/run.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache
