@@ -8,6 +8,7 @@ are written without a flush each (a syscall per request is a measurable share of
 from __future__ import annotations
 
 import asyncio
+import atexit
 import io
 import logging
 import sys
@@ -51,12 +52,17 @@ class _LineLogger:
 
 def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info",
               stream: BinaryIO | None = None, cache: bool = True) -> None:
-    """Configure structlog process-wide; `stream` (binary) defaults to stdout.
+    """Configure structlog process-wide; `stream` (binary) defaults to stdout, buffered.
 
     `cache=False` lets a later call (tests) reconfigure loggers that were already used.
     """
     global _stream
-    _stream = stream = stream or sys.stdout.buffer
+    if stream is None:
+        # our own buffer over stdout: sys.stdout.buffer is unbuffered under PYTHONUNBUFFERED=1,
+        # which containers often set, and a write per line is a syscall per request
+        stream = io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False), 64 * 1024)
+        atexit.register(stream.flush)
+    _stream = stream
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
     if console:
