@@ -170,24 +170,26 @@ def test__progress__unknown_statuses_are_running(status):
 
 # --- mappings ---------------------------------------------------------------------------------
 
-def test__mappings__unknown_v3_model_stops_the_boot(tmp_path):
+def load_edited(tmp_path, name: str, old: str, new: str) -> str:
+    """Load a copy of the tables with one edit; the error message it stops with."""
     folder = tmp_path / "m"
     shutil.copytree(mappings.default_dir(), folder)
-    text = (folder / "upscalers.toml").read_text().replace('"4x-UltraSharp"\nexact', '"8x-Imaginary"\nexact')
-    (folder / "upscalers.toml").write_text(text)
+    path = folder / f"{name}.toml"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
     with pytest.raises(mappings.MappingsError) as e:
         mappings.load(folder)
-    assert "upscalers.toml" in str(e.value) and "v3_model" in str(e.value)
+    return str(e.value)
+
+
+def test__mappings__unknown_v3_model_stops_the_boot(tmp_path):
+    msg = load_edited(tmp_path, "upscalers", '"4x-UltraSharp"\nexact', '"8x-Imaginary"\nexact')
+    assert "upscalers.toml" in msg and "v3_model" in msg
 
 
 def test__mappings__unknown_v2_code_stops_the_boot(tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(mappings.default_dir(), folder)
-    text = (folder / "errors.toml").read_text().replace("TASK_NOT_FOUND = 3", "TASK_NOT_FOUND = 42")
-    (folder / "errors.toml").write_text(text)
-    with pytest.raises(mappings.MappingsError) as e:
-        mappings.load(folder)
-    assert "errors.toml" in str(e.value) and "TASK_NOT_FOUND" in str(e.value)
+    msg = load_edited(tmp_path, "errors", "TASK_NOT_FOUND = 3", "TASK_NOT_FOUND = 42")
+    assert "errors.toml" in msg and "TASK_NOT_FOUND" in msg
 
 
 def test__every_listed_upscaler__plans_or_is_refused_by_name():

@@ -19,7 +19,7 @@ V3_MAX_SIDE = 2048
 V3_MAX_BYTES = 30 * 1024 * 1024
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _CHUNK = 64 * 1024  # base64 characters decoded at a time: small buffers, no fresh pages
-_NOT_B64 = re.compile(rb"[\s]")
+_WHITESPACE = re.compile(rb"\s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,7 @@ def _validate(text: memoryview | bytes) -> bytes | None:
 
 
 def _repair(text: memoryview | bytes) -> bytes:
-    cleaned = _NOT_B64.sub(b"", bytes(text))
+    cleaned = _WHITESPACE.sub(b"", bytes(text))
     return cleaned + b"=" * (-len(cleaned) % 4)
 
 
