@@ -57,18 +57,19 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
     `cache=False` lets a later call (tests) reconfigure loggers that were already used.
     """
     global _stream
-    if stream is None:
-        # our own buffer over stdout: sys.stdout.buffer is unbuffered under PYTHONUNBUFFERED=1,
-        # which containers often set, and a write per line is a syscall per request
-        stream = io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False), 64 * 1024)
-        atexit.register(stream.flush)
-    _stream = stream
-    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    console = fmt == "console" or (fmt == "auto" and (stream or sys.stdout).isatty())
     processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
-    if console:
+    if console:  # for people: each line at once
         processors.append(structlog.dev.ConsoleRenderer())
-        factory: Any = structlog.PrintLoggerFactory(io.TextIOWrapper(stream, write_through=True))
+        text = sys.stdout if stream is None else io.TextIOWrapper(stream, write_through=True)
+        factory: Any = structlog.PrintLoggerFactory(text)
     else:
+        if stream is None:
+            # our own buffer over stdout: sys.stdout.buffer is unbuffered under PYTHONUNBUFFERED=1,
+            # which containers often set, and a write per line is a syscall per request
+            stream = io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False), 64 * 1024)
+            atexit.register(stream.flush)
+        _stream = stream
         processors += [
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
