@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import structlog
@@ -10,10 +13,14 @@ import yarl
 from aiohttp import web
 
 from proxy import __version__, logs, mappings
+from proxy.compose.fetch import ImageFetcher
+from proxy.compose.tasks import Composer, ComposerSettings
 from proxy.emulator import EmulatorSettings, create_emulator_app
+from proxy.fingerprint import load_secret
 from proxy.middleware import v2_edge
 from proxy.settings import Settings
-from proxy.state import MAPPINGS, SETTINGS, UPSTREAM_URL, V3
+from proxy.state import COMPOSER, MAPPINGS, POLICIES, SECRET, SESSION, SETTINGS, UPSTREAM_URL, V3
+from proxy.stores import FileResultStore, SqlitePlanStore
 from proxy.v2 import handlers as v2
 from proxy.v3.client import V3Client
 
@@ -24,6 +31,7 @@ log = structlog.get_logger("proxy")
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v2/upscale", v2.upscale)
     app.router.add_get("/v2/progress", v2.progress)
+    app.router.add_get(r"/v2/images/{task_id}.png", v2.image)
 
 
 def embedded_emulator(settings: EmulatorSettings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -50,9 +58,39 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers={"User-Agent": f"upscale-v2-proxy/{__version__}"},
     ) as session:
+        app[SESSION] = session
         app[V3] = V3Client(session, app[UPSTREAM_URL], app[MAPPINGS].errors,
                            retries=s.upstream_retries, backoff=s.upstream_retry_backoff)
         yield
+
+
+async def composer(app: web.Application) -> AsyncIterator[None]:
+    """The composed path: stores under the data directory, a bounded thread pool, the sweeper."""
+    s = app[SETTINGS]
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    app[SECRET] = load_secret(s.fingerprint_secret and s.fingerprint_secret.get_secret_value(), s.data_dir)
+    plans = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
+    hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
+    fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout)
+    with ThreadPoolExecutor(s.compose_workers, thread_name_prefix="compose") as executor:
+        app[COMPOSER] = Composer(
+            app[V3], plans, FileResultStore(s.data_dir / "results"), fetcher, executor,
+            ComposerSettings(deadline=s.compose_deadline, lease=60.0, max_pending=s.compose_max_pending),
+        )
+
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(s.sweep_interval)
+                try:
+                    if removed := await app[COMPOSER].sweep(time.time()):
+                        log.info("swept expired tasks", count=removed)
+                except Exception:
+                    log.exception("sweep failed")
+
+        sweeper = asyncio.create_task(sweep())
+        yield
+        sweeper.cancel()
+        await plans.close()
 
 
 def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
@@ -61,10 +99,12 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app = web.Application(middlewares=[v2_edge], client_max_size=settings.max_body_mb * MiB)
     app[SETTINGS] = settings
     app[MAPPINGS] = mappings.load()
+    app[POLICIES] = settings.policies()
     app[UPSTREAM_URL] = settings.upstream
     app.cleanup_ctx.append(logs.flush_periodically)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator or EmulatorSettings()))
     app.cleanup_ctx.append(upstream_client)
+    app.cleanup_ctx.append(composer)
     setup_routes(app)
     return app

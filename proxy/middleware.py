@@ -43,7 +43,7 @@ async def v2_edge(request: web.Request, handler) -> web.StreamResponse:
         err = _from_http_error(e)
         code, response = err.code, v2_reply(err.code, err.msg)
     except V2Error as e:
-        code, response = e.code, v2_reply(e.code, e.msg)
+        code, response = e.code, v2_reply(e.code, e.msg, status=e.http_status)
         fields.update(msg=e.msg, upstream_status=e.upstream_status)
     except Exception:
         code, response = V2Code.INTERNAL_ERROR, v2_reply(V2Code.INTERNAL_ERROR, "internal error")

@@ -3,10 +3,17 @@
 Validated once at start-up; a bad value stops the boot with a message naming the setting.
 """
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, HttpUrl, field_validator
+from pydantic import Field, HttpUrl, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proxy.envtypes import CommaList
+from proxy.translate.plan import Policies, Policy
+
+# features that can't be emulated (no local model): under `emulate` they are approximated
+_NOT_EMULABLE = frozenset({"model", "face"})
 
 DEFAULT_UPSTREAM = "https://api.novita.ai"
 
@@ -43,6 +50,49 @@ class Settings(BaseSettings):
         "auto", description="json lines, or a console renderer; auto picks console on a terminal"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    # the composed path
+    data_dir: Path = Field(Path("data"), description="where composed tasks and their images are kept")
+    public_url: str | None = Field(
+        None, description="the proxy's base URL as clients reach it, for composed image URLs"
+    )
+    image_hosts: CommaList = Field(
+        default_factory=list, description="hosts V3 result images may be fetched from, besides the upstream's"
+    )
+    image_fetch_timeout: float = Field(60.0, gt=0, le=3600)
+    image_max_mb: int = Field(256, ge=1, le=4096, description="largest V3 result image fetched, in MiB")
+    compose_workers: int = Field(2, ge=1, le=64, description="threads for local image work")
+    compose_max_pending: int = Field(8, ge=1, le=1024, description="compositions at once per process")
+    compose_deadline: float = Field(900.0, gt=0, description="seconds until a composed task times out")
+    sweep_interval: float = Field(60.0, gt=0, description="seconds between sweeps of expired tasks")
+    fingerprint_secret: SecretStr | None = Field(
+        None, description="HMAC secret of key fingerprints (default: made once, kept in data_dir)"
+    )
+
+    # what to do with each V2 feature V3 lacks
+    policy: Policy = Field("emulate", description="default for every feature below")
+    policy_scale_to: Policy | None = None
+    policy_crop: Policy | None = None
+    policy_factor: Policy | None = None
+    policy_upscaler_2: Policy | None = None
+    policy_local_upscaler: Policy | None = None
+    policy_model: Policy | None = None
+    policy_alpha: Policy | None = None
+    policy_img_expire_ttl: Policy | None = None
+    policy_face: Policy | None = None
+
+    def policies(self) -> Policies:
+        """Each feature's policy: its own setting, else the default `policy`."""
+        chosen = {}
+        for feature in Policies.__dataclass_fields__:
+            value = getattr(self, f"policy_{feature}") or self.policy
+            chosen[feature] = "approximate" if value == "emulate" and feature in _NOT_EMULABLE else value
+        return Policies(**chosen)
+
+    @field_validator("public_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else str(HttpUrl(value)).rstrip("/")
 
     @field_validator("upstream")
     @classmethod

@@ -53,11 +53,12 @@ def start_emulator(aiohttp_server) -> Callable[..., Awaitable[tuple[TestServer, 
 
 
 @pytest.fixture
-def start_proxy(aiohttp_client) -> Callable[..., Awaitable[TestClient]]:
-    """A client of the proxy, in front of `upstream` (a URL)."""
+def start_proxy(aiohttp_client, tmp_path) -> Callable[..., Awaitable[TestClient]]:
+    """A client of the proxy, in front of `upstream` (a URL), its data in the test's tmp_path."""
 
     async def start(upstream: str, **overrides) -> TestClient:
-        settings = Settings(**{"upstream": upstream, "upstream_retry_backoff": 0.01, **overrides})
+        settings = Settings(**{"upstream": upstream, "upstream_retry_backoff": 0.01,
+                               "data_dir": tmp_path / "data", **overrides})
         return await aiohttp_client(create_app(settings))
 
     return start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,8 +35,9 @@ class Process:
 def running(*args: str, port: int, env: dict | None = None):
     """Run `python -m proxy ARGS` until the block ends, then stop it gracefully (SIGTERM)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        data = tempfile.mkdtemp(prefix="proxy-data-")
         proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=out, stderr=err,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, "UPSCALE_PROXY_DATA_DIR": data, **(env or {})})
         result = Process()
         try:
             for _ in range(200):
@@ -52,6 +54,7 @@ def running(*args: str, port: int, env: dict | None = None):
             proc.wait(timeout=10)
             out.seek(0)
             result.output = out.read().decode()
+            shutil.rmtree(data)
 
 
 class LegacyClient:

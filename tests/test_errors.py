@@ -132,11 +132,23 @@ async def test__timeout__is_code_9(start_emulator, start_proxy):
     ({"upscaling_resize": 6}, "upscaling_resize"),
     ({"upscaling_resize": 1}, "upscaling_resize"),
     ({"upscaler_2": "4x-UltraSharp", "extras_upscaler_2_visibility": 0.4}, "upscaler_2"),
+    ({"gfpgan_visibility": 0.4}, "gfpgan_visibility"),
+    ({"img_expire_ttl": 7200}, "img_expire_ttl"),
+    ({"image": b64(fmt="PNG", mode="RGBA")}, "image"),
 ])
-async def test__local_work__is_refused_with_code_10_naming_the_field(proxy, emulator, changes, field):
-    reply = await upscale(proxy, body(**changes))
+async def test__strict_policy__refuses_local_work_with_code_10_naming_the_field(
+        emulator, start_proxy, changes, field):
+    client = await start_proxy(str(emulator[0].make_url("")), policy="strict")
+    reply = await upscale(client, body(**changes))
     assert reply["code"] == 10 and reply["msg"].startswith(field), reply
     assert emulator[1].requests["submit"] == 0
+
+
+async def test__strict_model_policy__refuses_an_approximate_model_with_code_2(emulator, start_proxy):
+    client = await start_proxy(str(emulator[0].make_url("")), policy_model="strict")
+    reply = await upscale(client, body(upscaler_1="R-ESRGAN 4x+"))
+    assert reply["code"] == 2 and "same-weights" in reply["msg"]
+    assert (await upscale(client, OK))["code"] == 0  # Anime6B: the same weights
 
 
 async def test__unknown_v2_endpoint_and_method__are_v2_bodies(proxy):
@@ -191,11 +203,11 @@ async def test__transient_5xx_on_poll__is_retried_and_succeeds(start_emulator, s
     assert emu.requests["result"] == 3
 
 
-async def test__proxy_bug__is_code_minus_1_and_logged_with_traceback(aiohttp_client, log_lines):
+async def test__proxy_bug__is_code_minus_1_and_logged_with_traceback(aiohttp_client, log_lines, tmp_path):
     async def broken(request):
         raise RuntimeError("bug in a handler")
 
-    app = create_app(Settings(upstream=closed_port_url()))
+    app = create_app(Settings(upstream=closed_port_url(), data_dir=tmp_path))
     app.router.add_get("/v2/broken", broken)
     client = await aiohttp_client(app)
     reply = await v2_call(client, "GET", "/v2/broken")

@@ -9,7 +9,7 @@ import pytest
 from proxy import mappings
 from proxy.errors import V2Error
 from proxy.translate.errors import from_v3_error
-from proxy.translate.plan import plan_upscale
+from proxy.translate.plan import Plan, Policies, V3Job, plan_upscale
 from proxy.translate.progress import progress_data
 from proxy.v2.body import split_image
 from proxy.v2.image import ImageInfo, probe
@@ -94,8 +94,8 @@ def test__probe__rejects_padding_inside_the_text():
 
 # --- plan -------------------------------------------------------------------------------------
 
-def info(w, h) -> ImageInfo:
-    return ImageInfo("PNG", w, h, 1000, "RGB")
+def info(w, h, alpha=False) -> ImageInfo:
+    return ImageInfo("PNG", w, h, 1000, "RGBA" if alpha else "RGB", alpha)
 
 
 @pytest.mark.parametrize(("factor", "size", "target"), [
@@ -104,13 +104,29 @@ def info(w, h) -> ImageInfo:
 ])
 def test__plan__direct_job_and_target(factor, size, target):
     plan = plan_upscale(V2UpscaleOptions(upscaling_resize=factor, upscaler_1="4x-UltraSharp"), info(*size), M)
-    assert plan.jobs[0].model == "4x-UltraSharp" and plan.jobs[0].scale_factor == factor
-    assert plan.target == target and plan.warn == ""
+    assert plan.direct == V3Job("4x-UltraSharp", factor)
+    assert plan.output == target and plan.warn == ""
 
 
-def test__plan__output_over_2048_is_code_6_even_where_local_work_would_be_refused():
+@pytest.mark.parametrize(("factor", "size", "passes"), [
+    (1, (10, 10), 0), (0.5, (10, 10), 0), (4.01, (10, 10), 1), (4.1, (10, 10), 2), (16, (10, 10), 2),
+    (16.1, (10, 10), 3), (4.5, (1, 1), 1),
+])
+def test__plan__native_passes_until_both_sides_reach_the_target(factor, size, passes):
+    plan = plan_upscale(V2UpscaleOptions(upscaling_resize=factor, upscaler_1="4x-UltraSharp"), info(*size), M)
+    assert plan.direct is None and plan.branches[0].passes == passes
+
+
+def test__plan__a_pass_that_would_send_v3_over_2048_px_is_code_6():
+    with pytest.raises(V2Error) as e:  # pass 2 would get 2400 x 8
+        plan_upscale(V2UpscaleOptions(upscaling_resize=5, upscaler_1="4x-UltraSharp"), info(600, 2), M)
+    assert e.value.code == 6
+
+
+def test__plan__output_over_2048_is_code_6_before_any_policy():
+    opts = V2UpscaleOptions(resize_mode=1, upscaling_resize_w=4096, upscaling_resize_h=10)
     with pytest.raises(V2Error) as e:
-        plan_upscale(V2UpscaleOptions(resize_mode=1, upscaling_resize_w=4096, upscaling_resize_h=10), info(10, 10), M)
+        plan_upscale(opts, info(10, 10), M, Policies(scale_to="strict"))
     assert e.value.code == 6
 
 
@@ -121,15 +137,48 @@ def test__plan__scale_to_cover_without_crop_can_exceed_2048():
     assert e.value.code == 6 and "2048x4096" in e.value.msg
 
 
+def test__plan__crop_keeps_the_output_at_the_requested_size():
+    opts = V2UpscaleOptions(resize_mode=1, upscaling_resize_w=400, upscaling_resize_h=100, upscaling_crop=True)
+    plan = plan_upscale(opts, info(100, 200), M)
+    assert plan.output == (400, 100) and plan.scaled == (400, 800) and plan.crop == (400, 100)
+
+
 def test__plan__scale_to_without_size_is_code_1():
     with pytest.raises(V2Error) as e:
         plan_upscale(V2UpscaleOptions(resize_mode=1, upscaling_resize_w=100), info(10, 10), M)
     assert e.value.code == 1 and "upscaling_resize_h" in e.value.msg
 
 
-def test__plan__long_img_expire_ttl_warns():
+@pytest.mark.parametrize(("opts", "direct", "words"), [
+    (V2UpscaleOptions(resize_mode=1, upscaling_resize_w=30, upscaling_resize_h=20, upscaling_crop=True),
+     V3Job("RealESRNet_x4plus", 3.0), "resize_mode"),
+    (V2UpscaleOptions(upscaling_resize=6), V3Job("RealESRNet_x4plus", 4.0), "upscaling_resize"),
+    (V2UpscaleOptions(upscaler_1="Lanczos", upscaling_resize=2), V3Job("RealESRNet_x4plus", 2.0), "upscaler_1"),
+    (V2UpscaleOptions(upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5), V3Job("RealESRNet_x4plus", 2.0),
+     "upscaler_2"),
+    (V2UpscaleOptions(img_expire_ttl=7200), V3Job("RealESRNet_x4plus", 2.0), "img_expire_ttl"),
+])
+def test__plan__approximate_is_one_v3_job_and_a_warning(opts, direct, words):
+    plan = plan_upscale(opts, info(10, 10), M, Policies(**dict.fromkeys(Policies.__dataclass_fields__, "approximate")))
+    assert plan.direct == direct
+    assert words in plan.warn
+
+
+def test__plan__long_img_expire_ttl_composes_to_keep_the_image():
     plan = plan_upscale(V2UpscaleOptions(img_expire_ttl=7200, upscaler_1="4x-UltraSharp"), info(8, 8), M)
-    assert "img_expire_ttl 7200" in plan.warn
+    assert plan.direct is None and plan.branches[0].passes == 1
+
+
+def test__plan__alpha_input_stays_direct_with_an_rgb_input():
+    plan = plan_upscale(V2UpscaleOptions(upscaler_1="4x-UltraSharp"), info(8, 8, alpha=True), M)
+    assert plan.direct and plan.rgb_input
+
+
+def test__plan__survives_the_plan_store():
+    opts = V2UpscaleOptions(resize_mode=1, upscaling_resize_w=30, upscaling_resize_h=20, upscaling_crop=True,
+                            upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
+    plan = plan_upscale(opts, info(10, 10), M)
+    assert Plan.from_doc(json.loads(json.dumps(plan.to_doc()))) == plan
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -192,9 +241,7 @@ def test__mappings__unknown_v2_code_stops_the_boot(tmp_path):
     assert "errors.toml" in msg and "TASK_NOT_FOUND" in msg
 
 
-def test__every_listed_upscaler__plans_or_is_refused_by_name():
-    for name in M.upscalers.upscalers:
-        try:
-            plan_upscale(V2UpscaleOptions(upscaler_1=name), info(32, 32), M)
-        except V2Error as e:
-            assert e.code == 10 and name in e.msg
+def test__every_listed_upscaler__plans():
+    for name, upscaler in M.upscalers.upscalers.items():
+        plan = plan_upscale(V2UpscaleOptions(upscaler_1=name), info(32, 32), M)
+        assert (plan.direct is not None) == (upscaler.v3_model is not None), name

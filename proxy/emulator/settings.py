@@ -2,22 +2,12 @@
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from proxy.envtypes import CommaList, split_commas
+
 Endpoint = Literal["submit", "result", "image"]
-
-
-def _split_commas(value: object) -> object:
-    """Lists come from the environment as `a,b,c` (a JSON list works too)."""
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith("["):
-            import json
-
-            return json.loads(value)
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
 
 
 class EmulatorSettings(BaseSettings):
@@ -33,7 +23,7 @@ class EmulatorSettings(BaseSettings):
     queue_delay: float = Field(0.1, ge=0, le=3600, description="seconds a task stays QUEUED")
     process_delay: float = Field(0.2, ge=0, le=3600, description="seconds a task stays PROCESSING")
     image_url_ttl: int = Field(3600, ge=1, description="seconds an image_url keeps working")
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: CommaList = Field(
         default_factory=list,
         description="accepted keys, comma-separated (empty: any non-empty key is accepted)",
     )
@@ -44,11 +34,9 @@ class EmulatorSettings(BaseSettings):
     )
     error_rate: float = Field(1.0, ge=0, le=1, description="fraction of calls that get error_reason")
     error_limit: int | None = Field(None, ge=0, description="inject at most this many errors")
-    error_endpoints: Annotated[list[Endpoint], NoDecode] = Field(
+    error_endpoints: Annotated[list[Endpoint], NoDecode, BeforeValidator(split_commas)] = Field(
         default_factory=lambda: ["submit", "result"], description="where errors are injected"
     )
     fail_rate: float = Field(0, ge=0, le=1, description="fraction of tasks that end FAILED")
     fail_reason: str = Field("upscale failed (injected by the emulator)")
     seed: int | None = Field(None, description="seed of the fault-injection dice")
-
-    _split = field_validator("api_keys", "error_endpoints", mode="before")(_split_commas)

@@ -1,4 +1,4 @@
-"""The /v2 handlers: parse, translate, one upstream call, reply. Errors are raised as V2Error."""
+"""The /v2 handlers: parse, translate, call upstream (or the composer), reply. Errors are V2Error."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import re
 
 from aiohttp import web
 
+from proxy.compose.tasks import is_composed_id
 from proxy.errors import V2Code, V2Error
-from proxy.state import LOG_FIELDS, MAPPINGS, V3
-from proxy.translate.plan import plan_upscale
+from proxy.fingerprint import fingerprint
+from proxy.state import COMPOSER, LOG_FIELDS, MAPPINGS, POLICIES, SECRET, SETTINGS, V3
+from proxy.translate.plan import V3_URL_TTL, plan_upscale
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
@@ -20,26 +22,54 @@ from proxy.v3.payload import UpscaleBody
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
+def _image_url(request: web.Request, task_id: str) -> str:
+    base = request.app[SETTINGS].public_url or str(request.url.origin())
+    return f"{base}/v2/images/{task_id}.png"
+
+
 async def upscale(request: web.Request) -> web.Response:
+    app = request.app
     key = api_key(request)
     doc, image_b64 = split_image(await request.read())
     options = validate_options(doc)
     image, image_b64 = probe(image_b64)
-    plan = plan_upscale(options, image, request.app[MAPPINGS])
-    job = plan.jobs[0]
-    body = UpscaleBody(job.model, job.scale_factor, image_b64)
-    task_id, status = await request.app[V3].submit(body, key)
-    request[LOG_FIELDS].update(upstream_status=status, task_id=task_id, warn=plan.warn)
+    plan = plan_upscale(options, image, app[MAPPINGS], app[POLICIES])
+    if plan.direct:
+        if plan.rgb_input:
+            image_b64 = await app[COMPOSER].rgb_base64(image_b64)
+        body = UpscaleBody(plan.direct.model, plan.direct.scale_factor, image_b64)
+        task_id, status = await app[V3].submit(body, key)
+        request[LOG_FIELDS].update(path_taken="direct", upstream_status=status)
+    else:
+        task_id = await app[COMPOSER].submit(plan, image_b64, key, fingerprint(key, app[SECRET]),
+                                             ttl=options.img_expire_ttl or V3_URL_TTL)
+        request[LOG_FIELDS].update(path_taken="composed", v3_jobs=plan.v3_passes)
+    request[LOG_FIELDS].update(task_id=task_id, warn=plan.warn)
     return v2_reply(data={"task_id": task_id, "warn": plan.warn})
 
 
 async def progress(request: web.Request) -> web.Response:
+    app = request.app
     key = api_key(request)
     task_id = request.query.get("task_id", "")
     if not task_id:
         raise V2Error(V2Code.INVALID_JSON, "task_id: query parameter required")
     if not TASK_ID.fullmatch(task_id):
         raise V2Error(V2Code.TASK_ID_NOT_EXIST, "task_id: no such task")
-    result, status = await request.app[V3].task_result(task_id, key)
+    if is_composed_id(task_id):
+        data = await app[COMPOSER].progress(task_id, key, fingerprint(key, app[SECRET]),
+                                            _image_url(request, task_id))
+        if data is not None:
+            return v2_reply(data=data)
+    result, status = await app[V3].task_result(task_id, key)
     request[LOG_FIELDS].update(upstream_status=status)
-    return v2_reply(data=progress_data(result, request.app[MAPPINGS].task_status))
+    return v2_reply(data=progress_data(result, app[MAPPINGS].task_status))
+
+
+async def image(request: web.Request) -> web.Response:
+    """A composed task's PNG, while its img_expire_ttl lasts; then a 404 with a V2 body."""
+    task_id = request.match_info["task_id"]
+    png = await request.app[COMPOSER].image(task_id) if is_composed_id(task_id) else None
+    if png is None:
+        raise V2Error(V2Code.TASK_ID_NOT_EXIST, "no such image, or it has expired", http_status=404)
+    return web.Response(body=png, content_type="image/png")

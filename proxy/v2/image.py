@@ -29,6 +29,7 @@ class ImageInfo:
     height: int
     nbytes: int
     mode: str
+    has_alpha: bool  # an alpha channel or a transparent colour: V2 dropped it (converted to RGB)
 
 
 def _bad(msg: str) -> V2Error:
@@ -87,19 +88,45 @@ def _repair(text: memoryview | bytes) -> bytes:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 def _header(data: bytes, nbytes: int) -> ImageInfo | None:
-    # PNG, by far the most common input, from its fixed-layout IHDR: a third of the cost of a
+    # PNG, by far the most common input, from its fixed-layout header: a third of the cost of a
     # small submission went to Pillow's open() here. Everything else goes through Pillow.
-    if data[:16] == _PNG_SIGNATURE and len(data) >= 26 and data[25] in _PNG_MODES:
-        width, height = struct.unpack(">II", data[16:24])
-        if width and height:
-            return ImageInfo("PNG", width, height, nbytes, _PNG_MODES[data[25]])
+    return _png_header(data, nbytes) or _pillow_header(data, nbytes)
+
+
+def _png_header(data: bytes, nbytes: int) -> ImageInfo | None:
+    if data[:16] != _PNG_SIGNATURE or len(data) < 26 or data[25] not in _PNG_MODES:
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    transparent = _png_chunk_before_pixels(data, b"tRNS")
+    if not width or not height or transparent is None:
+        return None
+    mode = _PNG_MODES[data[25]]
+    return ImageInfo("PNG", width, height, nbytes, mode, mode in _ALPHA_MODES or transparent)
+
+
+def _png_chunk_before_pixels(data: bytes, kind: bytes) -> bool | None:
+    """Whether a chunk of this kind comes before the first IDAT; None if `data` ends first."""
+    at = 8
+    while at + 8 <= len(data):
+        length, name = struct.unpack(">I4s", data[at:at + 8])
+        if name == kind:
+            return True
+        if name == b"IDAT":
+            return False
+        at += 12 + length
+    return None
+
+
+def _pillow_header(data: bytes, nbytes: int) -> ImageInfo | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-                return ImageInfo(im.format or "", im.width, im.height, nbytes, im.mode)
+                alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+                return ImageInfo(im.format or "", im.width, im.height, nbytes, im.mode, alpha)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None

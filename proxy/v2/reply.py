@@ -8,8 +8,10 @@ from aiohttp import web
 from proxy.errors import V2Code
 
 
-def v2_reply(code: V2Code = V2Code.NORMAL, msg: str = "", data: dict | None = None) -> web.Response:
+def v2_reply(code: V2Code = V2Code.NORMAL, msg: str = "", data: dict | None = None,
+             status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps({"code": int(code), "msg": msg, "data": data}),
+        status=status,
         content_type="application/json",
     )

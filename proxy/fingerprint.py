@@ -1,0 +1,31 @@
+"""Key fingerprints: what the proxy logs and stores instead of an API key (never the key itself)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+
+def fingerprint(key: str, secret: bytes) -> str:
+    """HMAC-SHA256 of the key, shortened: stable for one secret, useless for recovering the key."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def load_secret(configured: str | None, data_dir: Path) -> bytes:
+    """The configured secret, else one made once and kept in the data directory (mode 0600), so
+    fingerprints, and the binding of tasks to keys, survive a restart."""
+    if configured:
+        return configured.encode()
+    path = data_dir / "fingerprint.secret"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    value = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value
