@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	tests/bench/run.sh
+	$(VENV)/bin/python tests/bench/compose.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -98,6 +98,13 @@ def test__serve_emulate_v3__legacy_client_submits_polls_and_downloads():
                                         "resize_mode": 0, "upscaling_resize": 3})
         with urllib.request.urlopen(data["imgs"][0], timeout=10) as resp:
             assert decode(resp.read()).size == (360, 240)
+        composed = client.upscale_and_wait({
+            "image": image, "upscaler_1": "R-ESRGAN 4x+", "resize_mode": 1, "upscaling_resize_w": 300,
+            "upscaling_resize_h": 300, "upscaling_crop": True, "upscaler_2": "Lanczos",
+            "extras_upscaler_2_visibility": 0.5, "img_expire_ttl": 7200})
+        assert composed["imgs"][0].startswith(f"http://127.0.0.1:{port}/v2/images/")
+        with urllib.request.urlopen(composed["imgs"][0], timeout=10) as resp:
+            assert decode(resp.read()).size == (300, 300)
         refused = LegacyClient(f"http://127.0.0.1:{port}", {}).call("/v2/upscale", {"image": image})
         assert refused["code"] == 4
     out = proc.output  # after a graceful stop, which flushes the log

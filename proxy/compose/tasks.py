@@ -71,8 +71,8 @@ class Composer:
         return pybase64.b64encode(await self._local(rgb_png, pybase64.b64decode(image_b64)))
 
     async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str, fingerprint: str,
-                     ttl: int) -> str:
-        """Submit the first pass of each V3 branch; store the task. Returns the V2 task id."""
+                     ttl: int) -> tuple[str, list[str]]:
+        """Submit the first pass of each V3 branch; store the task. -> (V2 task id, V3 job ids)"""
         task_id = new_task_id()
         source = pybase64.b64decode(image_b64)
         if plan.rgb_input:
@@ -91,7 +91,7 @@ class Composer:
         }
         await self._results.put(f"{task_id}.input", source)
         await self._plans.create(StoredTask(task_id, fingerprint, doc, doc["deadline"] + KEEP_FINISHED))
-        return task_id
+        return task_id, [job_id for job_id, _ in firsts]
 
     async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
         """The V2 progress data of a composed task; None if no such task is stored."""

@@ -41,9 +41,9 @@ async def upscale(request: web.Request) -> web.Response:
         task_id, status = await app[V3].submit(body, key)
         request[LOG_FIELDS].update(path_taken="direct", upstream_status=status)
     else:
-        task_id = await app[COMPOSER].submit(plan, image_b64, key, fingerprint(key, app[SECRET]),
-                                             ttl=options.img_expire_ttl or V3_URL_TTL)
-        request[LOG_FIELDS].update(path_taken="composed", v3_jobs=plan.v3_passes)
+        task_id, jobs = await app[COMPOSER].submit(plan, image_b64, key, fingerprint(key, app[SECRET]),
+                                                   ttl=options.img_expire_ttl or V3_URL_TTL)
+        request[LOG_FIELDS].update(path_taken="composed", v3_task_ids=jobs)
     request[LOG_FIELDS].update(task_id=task_id, warn=plan.warn)
     return v2_reply(data={"task_id": task_id, "warn": plan.warn})
 
