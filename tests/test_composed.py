@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+from pathlib import Path
 
 import aiohttp
 import pytest
 from PIL import Image
 
 from proxy.app import create_app
+from proxy.compose.fetch import FetchError, ImageFetcher
+from proxy.compose.images import ImageTooLarge, decode_rgb
 from proxy.compose.tasks import is_composed_id
+from proxy.emulator import EMULATOR
 from proxy.settings import Settings
 from tests.helpers import AUTH, poll_until_done, upscale, v2_call
 from tests.images import decode, encode, pattern
 
 MODELS = {"R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B", "R-ESRGAN 4x+": "RealESRNet_x4plus",
           "4x-UltraSharp": "4x-UltraSharp", "LDSR": "RealESRNet_x4plus"}
+CONTRACTS = Path(__file__).parent.parent.parent / "shared" / "contracts"
 FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
@@ -128,6 +134,8 @@ CASES = {
     "none ignores crop and blend": ((31, 17), {"resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64,
                                                "upscaling_crop": True, "upscaler_1": "None",
                                                "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5}),
+    "scale-to factor exactly 4": ((50, 25), {"resize_mode": 1, "upscaling_resize_w": 200, "upscaling_resize_h": 60,
+                                             "upscaling_crop": True, "upscaler_1": "4x-UltraSharp"}),
     "extreme aspect ratio": ((400, 2), {"resize_mode": 1, "upscaling_resize_w": 2000, "upscaling_resize_h": 40,
                                         "upscaling_crop": True, "upscaler_1": "Lanczos"}),
     "everything at once": ((64, 48), {"resize_mode": 1, "upscaling_resize_w": 512, "upscaling_resize_h": 300,
@@ -257,3 +265,54 @@ async def test__unknown_composed_image__is_a_404_v2_body(proxy):
     async with proxy.get("/v2/images/0b9d5b0e-4c1e-8df1-a4c5-1f0d0f3d8a11.png") as resp:
         assert resp.status == 404
         assert (await resp.json())["code"] == 3
+
+
+async def test__full_contract_body__matches_v2_pixel_for_pixel(proxy, reference):
+    body = json.loads((CONTRACTS / "v2-upscale-request-full.json").read_text())
+    data = encode(pattern(300, 260), "PNG")
+    reply, image = await run_v2(proxy, data, body)
+    assert "gfpgan_visibility ignored" in reply["data"]["warn"]
+    assert_same_pixels(image, await reference(data, body))
+
+
+async def test__image_from_a_host_not_allowed__fails_the_task_naming_it(start_emulator, start_proxy):
+    server, _ = await start_emulator()
+    public = str(server.make_url("")).replace("127.0.0.1", "localhost")
+    server.app[EMULATOR].settings.public_url = public  # V3 now hands out URLs on another host
+    client = await start_proxy(str(server.make_url("")))
+    reply = await upscale(client, {"image": base64.b64encode(encode(pattern(9, 9))).decode(), "upscaling_resize": 6})
+    data = await poll_until_done(client, reply["data"]["task_id"])
+    assert data["status"] == 3 and "'localhost' is not allowed" in data["failed_reason"]
+    allowed = await start_proxy(str(server.make_url("")), image_hosts="localhost,other.example")
+    reply = await upscale(allowed, {"image": base64.b64encode(encode(pattern(9, 9))).decode(), "upscaling_resize": 6})
+    assert (await poll_until_done(allowed, reply["data"]["task_id"]))["status"] == 2
+
+
+async def test__fetcher__refuses_images_over_its_cap_and_other_schemes(emulator):
+    server, emu = emulator
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        body = {"request": {"model_name": "4x-UltraSharp", "scale_factor": 4,
+                            "image_base64": base64.b64encode(encode(pattern(30, 30))).decode()}}
+        async with http.post("/v3/async/upscale", json=body) as resp:
+            task_id = (await resp.json())["task_id"]
+        while True:
+            async with http.get("/v3/async/task-result", params={"task_id": task_id}) as resp:
+                result = await resp.json()
+            if result["images"]:
+                break
+            await asyncio.sleep(0.01)
+    url = result["images"][0]["image_url"]
+    async with aiohttp.ClientSession() as session:
+        fetch = ImageFetcher(session, frozenset({"127.0.0.1"}), max_bytes=1000, timeout=5)
+        with pytest.raises(FetchError, match="over 1000 bytes"):
+            await fetch.fetch(url)
+        with pytest.raises(FetchError, match="scheme"):
+            await fetch.fetch(url.replace("http://", "file://"))
+        assert len(await ImageFetcher(session, frozenset({"127.0.0.1"}), 10**7, 5).fetch(url)) > 1000
+
+
+def test__decoding__refuses_a_decompression_bomb_before_reading_pixels():
+    bomb = encode(Image.new("1", (9000, 8000)), "PNG")  # 72 M pixels in a few kilobytes
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageTooLarge):
+        decode_rgb(bomb)

@@ -1,6 +1,7 @@
 """Pure pieces, no server: body splitting, image probing, the Plan, error and progress mapping."""
 
 import base64
+import io
 import json
 import shutil
 
@@ -245,3 +246,40 @@ def test__every_listed_upscaler__plans():
     for name, upscaler in M.upscalers.upscalers.items():
         plan = plan_upscale(V2UpscaleOptions(upscaler_1=name), info(32, 32), M)
         assert (plan.direct is not None) == (upscaler.v3_model is not None), name
+
+
+# --- face restoration: the interface a real restorer plugs into ---------------------------------
+
+class Posterize:
+    """A stand-in restorer: deterministic, visible, and blended by visibility as V2 did."""
+
+    available = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def restore(self, image, model, visibility, weight):
+        from PIL import Image, ImageOps
+
+        self.calls.append(model)
+        return Image.blend(image, ImageOps.posterize(image, 2), visibility)
+
+
+def test__face_steps__run_after_the_upscale_in_v2_order_when_a_restorer_is_available():
+    from PIL import Image, ImageOps
+
+    from proxy.compose.images import compose
+
+    opts = V2UpscaleOptions(upscaler_1="Lanczos", upscaling_resize=2, gfpgan_visibility=0.5,
+                            codeformer_visibility=0.25, codeformer_weight=0.7)
+    source = encode(pattern(10, 8), "PNG")
+    emulate = Policies(face="emulate")
+    plan = plan_upscale(opts, info(10, 8), M, emulate, faces_available=True)
+    assert [(f.model, f.visibility, f.weight) for f in plan.faces] == [("gfpgan", 0.5, None), ("codeformer", 0.25, 0.7)]
+    restorer = Posterize()
+    out = Image.open(io.BytesIO(compose(plan, source, [None], restorer)))
+    assert restorer.calls == ["gfpgan", "codeformer"]
+    upscaled = pattern(10, 8).resize((20, 16), Image.Resampling.LANCZOS)
+    once = Image.blend(upscaled, ImageOps.posterize(upscaled, 2), 0.5)
+    assert out.tobytes() == Image.blend(once, ImageOps.posterize(once, 2), 0.25).tobytes()
+    assert plan_upscale(opts, info(10, 8), M, emulate).faces == ()  # no restorer: skipped, with a warning

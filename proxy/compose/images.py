@@ -8,6 +8,7 @@ import warnings
 
 from PIL import Image
 
+from proxy.compose.faces import FaceRestorer, SkipFaces
 from proxy.translate.plan import MAX_PIXELS, Plan
 
 FILTERS = {"LANCZOS": Image.Resampling.LANCZOS, "NEAREST": Image.Resampling.NEAREST}
@@ -54,18 +55,25 @@ def centre_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return canvas
 
 
-def compose(plan: Plan, source: bytes, passes: list[bytes | None]) -> bytes:
+def compose(plan: Plan, source: bytes, passes: list[bytes | None],
+            faces: FaceRestorer = SkipFaces()) -> bytes:
     """The V2 result as PNG bytes, from the input and each branch's last V3 pass (None: local)."""
     original = decode_rgb(source)
+    result = _upscaled(plan, original, passes)
+    for step in plan.faces:
+        result = faces.restore(result, step.model, step.visibility, step.weight)
+    return encode_png(result)
+
+
+def _upscaled(plan: Plan, original: Image.Image, passes: list[bytes | None]) -> Image.Image:
     if not plan.branches:  # upscaler None: the input, in RGB
-        return encode_png(original)
+        return original
     factor_up = plan.scaled[0] > original.width or plan.scaled[1] > original.height
     outputs = []
     for branch, upscaled in zip(plan.branches, passes, strict=True):
         start = decode_rgb(upscaled) if upscaled is not None else original
         image = finish_branch(start, plan.scaled, branch.filter, factor_up)
         outputs.append(centre_crop(image, plan.crop) if plan.crop else image)
-    result = outputs[0]
     if len(outputs) == 2:
-        result = Image.blend(result, outputs[1], plan.blend)
-    return encode_png(result)
+        return Image.blend(outputs[0], outputs[1], plan.blend)
+    return outputs[0]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pybase64
 import structlog
 
+from proxy.compose.faces import FaceRestorer, SkipFaces
 from proxy.compose.fetch import FetchError, ImageFetcher
 from proxy.compose.images import ImageTooLarge, compose, rgb_png
 from proxy.errors import V2Code, V2Error
@@ -56,8 +57,9 @@ class ComposerSettings:
 
 class Composer:
     def __init__(self, v3: V3Client, plans: PlanStore, results: ResultStore, fetcher: ImageFetcher,
-                 executor: Executor, settings: ComposerSettings) -> None:
+                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = SkipFaces()) -> None:
         self._v3, self._plans, self._results, self._fetcher = v3, plans, results, fetcher
+        self.faces = faces
         self._executor = executor
         self._settings = settings
         self._owner = uuid.uuid4().hex  # this process, as a lease holder
@@ -153,7 +155,7 @@ class Composer:
                 if source is None:
                     raise FetchError("the task's input is gone")
                 started = time.perf_counter()
-                png = await self._local(compose, plan, source, finals)
+                png = await self._local(compose, plan, source, finals, self.faces)
                 log.info("composed", task_id=task.task_id, size=list(plan.output),
                          compose_ms=round((time.perf_counter() - started) * 1000, 1))
             await self._results.put(f"{task.task_id}.png", png)

@@ -63,6 +63,15 @@ class Branch:
 
 
 @dataclass(frozen=True, slots=True)
+class FaceStep:
+    """A face-restoration step after the upscale (GFPGAN, then CodeFormer), as V2 ran them."""
+
+    model: Literal["gfpgan", "codeformer"]
+    visibility: float
+    weight: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     input_size: tuple[int, int]
     scaled: tuple[int, int]  # (int(W0*s), int(H0*s)): what each branch is resized to
@@ -72,6 +81,7 @@ class Plan:
     blend: float = 0.0  # weight of branches[1] in Image.blend
     direct: V3Job | None = None  # the one V3 job that answers on the direct path
     rgb_input: bool = False  # the input has transparency: V3 gets it converted to RGB, as V2 did
+    faces: tuple[FaceStep, ...] = ()  # only when a local face restorer is available
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -96,7 +106,8 @@ class Plan:
             input_size=pair(doc["input_size"]), scaled=pair(doc["scaled"]), output=pair(doc["output"]),
             branches=tuple(Branch(**b) for b in doc["branches"]), crop=pair(doc["crop"]),
             blend=doc["blend"], direct=V3Job(**doc["direct"]) if doc["direct"] else None,
-            rgb_input=doc["rgb_input"], warnings=tuple(doc["warnings"]),
+            rgb_input=doc["rgb_input"], faces=tuple(FaceStep(**f) for f in doc["faces"]),
+            warnings=tuple(doc["warnings"]),
         )
 
 
@@ -122,8 +133,11 @@ def _passes(size: tuple[int, int], target: tuple[int, int]) -> int:
 class _Planner:
     """The decisions for one request; `plan()` returns the Plan or raises a V2Error."""
 
-    def __init__(self, opts: V2UpscaleOptions, image: ImageInfo, mappings: Mappings, policies: Policies):
+    def __init__(self, opts: V2UpscaleOptions, image: ImageInfo, mappings: Mappings, policies: Policies,
+                 faces_available: bool):
         self.opts, self.image, self.mappings, self.policies = opts, image, mappings, policies
+        self.faces_available = faces_available
+        self.faces: list[FaceStep] = []
         self.warnings: list[str] = []
         self.compose = False
 
@@ -216,7 +230,7 @@ class _Planner:
             branches.append(self._branch(str(name2), up2, (w0, h0), scaled))
         return Plan((w0, h0), scaled, crop or scaled, branches=tuple(branches), crop=crop,
                     blend=float(opts.extras_upscaler_2_visibility or 0) if up2 else 0.0,
-                    rgb_input=rgb_input, warnings=tuple(self.warnings))
+                    rgb_input=rgb_input, faces=tuple(self.faces), warnings=tuple(self.warnings))
 
     def _branch(self, name: str, upscaler: Upscaler, size: tuple[int, int], scaled: tuple[int, int]) -> Branch:
         if upscaler.local:
@@ -234,14 +248,23 @@ class _Planner:
             raise _refuse("upscaler_1", f"{name!r} (no upscale)")
         self._faces()
         size = (self.image.width, self.image.height)
-        return Plan(size, size, size, rgb_input=self.image.has_alpha, warnings=tuple(self.warnings))
+        return Plan(size, size, size, rgb_input=self.image.has_alpha, faces=tuple(self.faces),
+                    warnings=tuple(self.warnings))
 
     def _faces(self) -> None:
-        for face in ("gfpgan_visibility", "codeformer_visibility"):
-            if getattr(self.opts, face):
-                if self.policies.face == "strict":
-                    raise _refuse(face, "face restoration (no V3 successor)")
-                self.warnings.append(f"{face} ignored: face restoration has no V3 successor")
+        """GFPGAN then CodeFormer: restored locally where a restorer is available, else skipped."""
+        for model in ("gfpgan", "codeformer"):
+            visibility = getattr(self.opts, f"{model}_visibility")
+            if not visibility:
+                continue
+            if self.policies.face == "strict":
+                raise _refuse(f"{model}_visibility", "face restoration (no V3 successor)")
+            if self.policies.face == "emulate" and self.faces_available:
+                weight = self.opts.codeformer_weight if model == "codeformer" else None
+                self.faces.append(FaceStep(model, visibility, weight))
+                self.compose = True
+            else:
+                self.warnings.append(f"{model}_visibility ignored: face restoration has no V3 successor")
 
     def _default(self) -> Upscaler:
         table = self.mappings.upscalers
@@ -249,6 +272,9 @@ class _Planner:
 
 
 def plan_upscale(opts: V2UpscaleOptions, image: ImageInfo, mappings: Mappings,
-                 policies: Policies = Policies()) -> Plan:
-    """The Plan for one V2 upscale, or a V2Error (code 1, 2, 6 or 10) naming the field."""
-    return _Planner(opts, image, mappings, policies).plan()
+                 policies: Policies = Policies(), faces_available: bool = False) -> Plan:
+    """The Plan for one V2 upscale, or a V2Error (code 1, 2, 6 or 10) naming the field.
+
+    `faces_available`: a local face restorer is plugged in (none is today, see compose.faces).
+    """
+    return _Planner(opts, image, mappings, policies, faces_available).plan()

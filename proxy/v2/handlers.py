@@ -33,7 +33,7 @@ async def upscale(request: web.Request) -> web.Response:
     doc, image_b64 = split_image(await request.read())
     options = validate_options(doc)
     image, image_b64 = probe(image_b64)
-    plan = plan_upscale(options, image, app[MAPPINGS], app[POLICIES])
+    plan = plan_upscale(options, image, app[MAPPINGS], app[POLICIES], app[COMPOSER].faces.available)
     if plan.direct:
         if plan.rgb_input:
             image_b64 = await app[COMPOSER].rgb_base64(image_b64)
