@@ -283,3 +283,12 @@ def test__face_steps__run_after_the_upscale_in_v2_order_when_a_restorer_is_avail
     once = Image.blend(upscaled, ImageOps.posterize(upscaled, 2), 0.5)
     assert out.tobytes() == Image.blend(once, ImageOps.posterize(once, 2), 0.25).tobytes()
     assert plan_upscale(opts, info(10, 8), M, emulate).faces == ()  # no restorer: skipped, with a warning
+
+
+def test__plan__approximating_away_a_crop_still_keeps_the_output_within_2048():
+    opts = V2UpscaleOptions(resize_mode=1, upscaling_resize_w=2000, upscaling_resize_h=100, upscaling_crop=True,
+                            upscaler_1="Lanczos")
+    assert plan_upscale(opts, info(100, 200), M).output == (2000, 100)  # 2000 x 4000, cropped
+    with pytest.raises(V2Error) as e:
+        plan_upscale(opts, info(100, 200), M, Policies(crop="approximate"))
+    assert e.value.code == 6 and "without the crop" in e.value.msg

@@ -220,15 +220,18 @@ class _Planner:
             self.model_warning("upscaler_2", name2, up2)
 
         rgb_input = self.image.has_alpha and p.alpha == "emulate"
+        output = crop or scaled if self.compose else (int(w0 * direct_factor), int(h0 * direct_factor))
+        if max(output) > MAX_OUTPUT_SIDE:  # an approximation dropped the crop that kept it small
+            raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT,
+                          f"output would be {output[0]}x{output[1]} without the crop, over {MAX_OUTPUT_SIDE} px")
         if not self.compose:
-            return Plan((w0, h0), scaled, (int(w0 * direct_factor), int(h0 * direct_factor)),
-                        branches=(Branch(name1, model=up1.v3_model),),
+            return Plan((w0, h0), scaled, output, branches=(Branch(name1, model=up1.v3_model),),
                         direct=V3Job(str(up1.v3_model), direct_factor), rgb_input=rgb_input,
                         warnings=tuple(self.warnings))
         branches = [self._branch(name1, up1, (w0, h0), scaled)]
         if up2:
             branches.append(self._branch(str(name2), up2, (w0, h0), scaled))
-        return Plan((w0, h0), scaled, crop or scaled, branches=tuple(branches), crop=crop,
+        return Plan((w0, h0), scaled, output, branches=tuple(branches), crop=crop,
                     blend=float(opts.extras_upscaler_2_visibility or 0) if up2 else 0.0,
                     rgb_input=rgb_input, faces=tuple(self.faces), warnings=tuple(self.warnings))
 
@@ -248,8 +251,7 @@ class _Planner:
             raise _refuse("upscaler_1", f"{name!r} (no upscale)")
         self._faces()
         size = (self.image.width, self.image.height)
-        return Plan(size, size, size, rgb_input=self.image.has_alpha, faces=tuple(self.faces),
-                    warnings=tuple(self.warnings))
+        return Plan(size, size, size, faces=tuple(self.faces), warnings=tuple(self.warnings))
 
     def _faces(self) -> None:
         """GFPGAN then CodeFormer: restored locally where a restorer is available, else skipped."""
