@@ -72,8 +72,8 @@ class MappingsError(Exception):
 
 
 def default_dir() -> Path:
-    """`proxy/mappings` inside an installed wheel, else the repository's top-level `mappings/`."""
-    packaged = Path(__file__).parent / "mappings"
+    """`proxy/tables` inside an installed wheel, else the repository's top-level `mappings/`."""
+    packaged = Path(__file__).parent / "tables"
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "mappings"
 
 
