@@ -12,26 +12,36 @@ import structlog
 import yarl
 from aiohttp import web
 
-from proxy import __version__, logs, mappings
+from proxy import __version__, logs, mappings, ops
 from proxy.compose.fetch import ImageFetcher
 from proxy.compose.tasks import Composer, ComposerSettings
 from proxy.emulator import EmulatorSettings, create_emulator_app
+from proxy.deprecation import Brownouts, Deprecation
 from proxy.fingerprint import load_secret
+from proxy.metrics import Metrics
 from proxy.middleware import v2_edge
 from proxy.settings import Settings
-from proxy.state import COMPOSER, MAPPINGS, POLICIES, SECRET, SESSION, SETTINGS, UPSTREAM_URL, V3
+from proxy.state import (BROWNOUTS, COMPOSER, DEPRECATION, MAPPINGS, METRICS, POLICIES, READINESS, SECRET,
+                         SESSION, SETTINGS, UPSTREAM_URL, V3, Readiness)
 from proxy.stores import FileResultStore, SqlitePlanStore
 from proxy.v2 import handlers as v2
 from proxy.v3.client import V3Client
+from proxy.v3.passthrough import passthrough
 
 MiB = 1024 * 1024
 log = structlog.get_logger("proxy")
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_post("/v2/upscale", v2.upscale)
-    app.router.add_get("/v2/progress", v2.progress)
-    app.router.add_get(r"/v2/images/{task_id}.png", v2.image)
+    app.router.add_post("/v2/upscale", v2.upscale, name="upscale")
+    app.router.add_get("/v2/progress", v2.progress, name="progress")
+    app.router.add_get(r"/v2/images/{task_id}.png", v2.image, name="images")
+    app.router.add_route("*", "/v3/{tail:.*}", passthrough, name="v3")
+    app.router.add_post("/_proxy/translate", ops.translate)
+    app.router.add_get("/_proxy/guide", ops.guide)
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/metrics", ops.metrics)
 
 
 def embedded_emulator(settings: EmulatorSettings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -59,8 +69,8 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, headers={"User-Agent": f"upscale-v2-proxy/{__version__}"},
     ) as session:
         app[SESSION] = session
-        app[V3] = V3Client(session, app[UPSTREAM_URL], app[MAPPINGS].errors,
-                           retries=s.upstream_retries, backoff=s.upstream_retry_backoff)
+        app[V3] = V3Client(session, app[UPSTREAM_URL], app[MAPPINGS].errors, retries=s.upstream_retries,
+                           backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream)
         yield
 
 
@@ -71,11 +81,13 @@ async def composer(app: web.Application) -> AsyncIterator[None]:
     app[SECRET] = load_secret(s.fingerprint_secret and s.fingerprint_secret.get_secret_value(), s.data_dir)
     plans = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
     hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
-    fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout)
+    fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout,
+                           observe=app[METRICS].observe_upstream)
     with ThreadPoolExecutor(s.compose_workers, thread_name_prefix="compose") as executor:
         app[COMPOSER] = Composer(
             app[V3], plans, FileResultStore(s.data_dir / "results"), fetcher, executor,
             ComposerSettings(deadline=s.compose_deadline, lease=60.0, max_pending=s.compose_max_pending),
+            on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
         )
 
         async def sweep() -> None:
@@ -100,11 +112,25 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[SETTINGS] = settings
     app[MAPPINGS] = mappings.load()
     app[POLICIES] = settings.policies()
+    app[METRICS] = Metrics(settings.metrics_max_clients)
+    app[DEPRECATION] = Deprecation(settings)
+    app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
+    app[READINESS] = Readiness()
     app[UPSTREAM_URL] = settings.upstream
     app.cleanup_ctx.append(logs.flush_periodically)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator or EmulatorSettings()))
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(composer)
+    app.on_startup.append(_ready)  # after every cleanup_ctx has started
+    app.on_shutdown.append(_draining)
     setup_routes(app)
     return app
+
+
+async def _ready(app: web.Application) -> None:
+    app[READINESS].state = "ready"
+
+
+async def _draining(app: web.Application) -> None:
+    app[READINESS].state = "draining"

@@ -1,4 +1,4 @@
-"""upscale-v2-proxy serve | emulator
+"""upscale-v2-proxy serve | emulator | translate | audit | guide
 
 Every option can also be set by environment variable (UPSCALE_PROXY_*, emulator:
 UPSCALE_PROXY_EMULATOR_*); an option given on the command line wins.
@@ -44,7 +44,53 @@ def _parser() -> argparse.ArgumentParser:
     for command in (serve, emu):
         command.add_argument("--log-format", choices=["auto", "json", "console"])
         command.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    tr = sub.add_parser("translate", help="show what a V2 upscale body becomes in V3 (no upstream call)")
+    tr.add_argument("file", help="a V2 upscale body (JSON), or - for standard input")
+    audit = sub.add_parser("audit", help="per-client report of V2 usage, from the proxy's JSON log")
+    audit.add_argument("file", nargs="?", default="-", help="a log file, or - for standard input (default)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("guide", help="print the V2 -> V3 migration guide (Markdown)")
     return p
+
+
+def _read(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"upscale-v2-proxy: {e}") from None
+
+
+def _offline(command: str, args: dict) -> None:
+    """translate | audit | guide: no server, just the tables (and the policies, for translate)."""
+    import orjson
+
+    from proxy import audit, guide, mappings
+    from proxy.errors import V2Error
+    from proxy.ops import translate_body
+
+    tables = mappings.load()
+    if command == "guide":
+        sys.stdout.write(guide.guide(tables))
+    elif command == "audit":
+        source = sys.stdin.buffer if args["file"] == "-" else open(args["file"], "rb")  # noqa: SIM115
+        with source:
+            rows = audit.report(audit.read_events(source), tables)
+        if args["json"]:
+            sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            sys.stdout.write(audit.render(rows))
+    else:
+        policies = _settings(Settings, {}).policies()
+        try:
+            result = translate_body(_read(args["file"]), tables, policies)
+        except V2Error as e:
+            print(f"upscale-v2-proxy: the proxy would answer code {int(e.code)}: {e.msg}", file=sys.stderr)
+            raise SystemExit(1) from None
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
@@ -56,8 +102,12 @@ def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
         print(f"upscale-v2-proxy: invalid configuration ({prefix}* or the matching option):",
               file=sys.stderr)
         for err in e.errors(include_url=False):
-            name = ".".join(map(str, err["loc"]))
-            print(f"  {prefix}{name.upper()} / --{name.replace('_', '-')}: {err['msg']}"
+            if not err["loc"]:  # a rule across settings: its message names them
+                print(f"  {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+                continue
+            name = str(err["loc"][0])
+            where = ".".join(map(str, err["loc"][1:]))
+            print(f"  {prefix}{name.upper()}{' at ' + where if where else ''}: {err['msg']}"
                   f" (got {err.get('input')!r})", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -73,6 +123,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def main(argv: list[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if command in ("translate", "audit", "guide"):
+        return _offline(command, args)
     log_opts = {"log_format": args.pop("log_format"), "log_level": args.pop("log_level")}
     log = structlog.get_logger("proxy")
 

@@ -61,10 +61,30 @@ class ErrorTable(_Strict):
     notes: dict[int, str] = {}
 
 
+class Field(_Strict):
+    """One V2 field and its V3 successor, for the migration guide."""
+
+    fate: Literal["direct", "emulated", "approximated", "unsupported"]
+    v3: str
+    note: str
+    before: str
+    after: str
+
+
+class Feature(_Strict):
+    """One V2 feature V3 lacks or changes (a policy of the proxy), for the usage report."""
+
+    field: str
+    verdict: Literal["change", "lacking"]
+    v3: str
+
+
 class Mappings(_Strict):
     upscalers: UpscalerTable
     errors: ErrorTable
     task_status: dict[str, Literal[0, 1, 2, 3, 4]]
+    fields: dict[Literal["upscale", "progress", "errors"], dict[str, Field]]
+    features: dict[str, Feature]
 
 
 class MappingsError(Exception):
@@ -89,7 +109,7 @@ def _read(folder: Path, name: str) -> dict:
 @cache
 def load(folder: Path | None = None) -> Mappings:
     folder = folder or default_dir()
-    raw = {name: _read(folder, name) for name in ("upscalers", "errors", "task_status")}
+    raw = {name: _read(folder, name) for name in ("upscalers", "errors", "task_status", "fields", "features")}
     try:
         return Mappings.model_validate(raw)
     except ValidationError as e:

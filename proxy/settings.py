@@ -3,10 +3,11 @@
 Validated once at start-up; a bad value stops the boot with a message naming the setting.
 """
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, HttpUrl, SecretStr, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.envtypes import CommaList
@@ -16,6 +17,21 @@ from proxy.translate.plan import Policies, Policy
 _NOT_EMULABLE = frozenset({"model", "face"})
 
 DEFAULT_UPSTREAM = "https://api.novita.ai"
+
+
+class Brownout(BaseModel):
+    """A window in which V2 calls are refused (code 10), all of them or a fraction."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    fraction: float = Field(1.0, ge=0, le=1)
+    allow: list[str] = Field(default_factory=list, description="key fingerprints exempt from it")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Brownout":
+        if self.end <= self.start:
+            raise ValueError(f"a brownout must end after it starts ({self.start} .. {self.end})")
+        return self
 
 
 class Settings(BaseSettings):
@@ -69,6 +85,20 @@ class Settings(BaseSettings):
         None, description="HMAC secret of key fingerprints (default: made once, kept in data_dir)"
     )
 
+    # the end of V2: signalled on every V2 response, enforced by brownouts
+    deprecation_date: AwareDatetime = Field(
+        datetime(2024, 1, 24, tzinfo=UTC), description="when V2 was deprecated (the Deprecation header)"
+    )
+    sunset_date: AwareDatetime | None = Field(None, description="when V2 stops (the Sunset header)")
+    deprecation_link: str = Field("/_proxy/guide", description="the migration guide (Link rel=deprecation)")
+    successor_url: str | None = Field(
+        None, description="base URL of V3 for Link rel=successor-version (default: this proxy's /v3)"
+    )
+    brownouts: list[Brownout] = Field(default_factory=list, description="JSON list of brownout windows")
+    metrics_max_clients: int = Field(
+        100, ge=0, le=10000, description="key fingerprints with their own metrics series; the rest are 'other'"
+    )
+
     # what to do with each V2 feature V3 lacks
     policy: Policy = Field("emulate", description="default for every feature below")
     policy_scale_to: Policy | None = None
@@ -88,6 +118,15 @@ class Settings(BaseSettings):
             value = getattr(self, f"policy_{feature}") or self.policy
             chosen[feature] = "approximate" if value == "emulate" and feature in _NOT_EMULABLE else value
         return Policies(**chosen)
+
+    @model_validator(mode="after")
+    def _sunset_after_deprecation(self) -> "Settings":
+        if self.sunset_date and self.sunset_date < self.deprecation_date:
+            raise ValueError(
+                f"UPSCALE_PROXY_SUNSET_DATE ({self.sunset_date.isoformat()}) is earlier than "
+                f"UPSCALE_PROXY_DEPRECATION_DATE ({self.deprecation_date.isoformat()})"
+            )
+        return self
 
     @field_validator("public_url")
     @classmethod

@@ -29,7 +29,7 @@ class LogLines:
         return iter(json.loads(line) for line in self.text.splitlines() if line)
 
     def requests(self) -> list[dict]:
-        return [line for line in self if line["event"] == "request"]
+        return [line for line in self if line["event"] == "v2.deprecated_call"]
 
 
 @pytest.fixture(autouse=True)

@@ -110,7 +110,7 @@ def test__serve_emulate_v3__legacy_client_submits_polls_and_downloads():
     out = proc.output  # after a graceful stop, which flushes the log
     lines = [json.loads(line) for line in out.splitlines()]  # JSON lines: stdout is not a terminal
     assert any(line["event"] == "proxy listening" for line in lines)
-    requests = [line for line in lines if line["event"] == "request"]
+    requests = [line for line in lines if line["event"] == "v2.deprecated_call"]
     assert requests[0]["path"] == "/v2/upscale" and requests[0]["v2_code"] == 0
     assert requests[-1]["v2_code"] == 4
     assert KEY not in out
@@ -133,6 +133,11 @@ def test__emulator_command__serves_v3():
     (["serve"], {"UPSCALE_PROXY_UPSTREAM": "ftp://example"}, "UPSCALE_PROXY_UPSTREAM"),
     (["serve"], {"UPSCALE_PROXY_UPSTREAM_TIMEOUT": "-1"}, "UPSCALE_PROXY_UPSTREAM_TIMEOUT"),
     (["emulator"], {"UPSCALE_PROXY_EMULATOR_ERROR_RATE": "2"}, "UPSCALE_PROXY_EMULATOR_ERROR_RATE"),
+    (["serve"], {"UPSCALE_PROXY_DEPRECATION_DATE": "2025-01-01T00:00:00Z",
+                 "UPSCALE_PROXY_SUNSET_DATE": "2024-12-31T00:00:00Z"}, "UPSCALE_PROXY_SUNSET_DATE"),
+    (["serve"], {"UPSCALE_PROXY_BROWNOUTS": '[{"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"}]'},
+     "UPSCALE_PROXY_BROWNOUTS"),
+    (["serve"], {"UPSCALE_PROXY_POLICY_CROP": "sometimes"}, "UPSCALE_PROXY_POLICY_CROP"),
 ])
 def test__bad_setting__stops_start_up_naming_it(args, env, named):
     proc = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True,

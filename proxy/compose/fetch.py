@@ -3,6 +3,9 @@ hosts, with a size cap and a timeout."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import aiohttp
 from yarl import URL
 
@@ -13,13 +16,21 @@ class FetchError(Exception):
 
 class ImageFetcher:
     def __init__(self, session: aiohttp.ClientSession, allowed_hosts: frozenset[str],
-                 max_bytes: int, timeout: float) -> None:
+                 max_bytes: int, timeout: float, observe: Callable[[str, float], None] | None = None) -> None:
         self._session = session
         self._hosts = allowed_hosts
         self._max = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._observe = observe or (lambda call, seconds: None)
 
     async def fetch(self, url: str) -> bytes:
+        started = time.perf_counter()
+        try:
+            return await self._fetch(url)
+        finally:
+            self._observe("image", time.perf_counter() - started)
+
+    async def _fetch(self, url: str) -> bytes:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https"):
             raise FetchError(f"image URL scheme {parsed.scheme!r} refused")

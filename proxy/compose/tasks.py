@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -57,8 +58,10 @@ class ComposerSettings:
 
 class Composer:
     def __init__(self, v3: V3Client, plans: PlanStore, results: ResultStore, fetcher: ImageFetcher,
-                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = SkipFaces()) -> None:
+                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = SkipFaces(),
+                 on_state: Callable[[str], None] | None = None) -> None:
         self._v3, self._plans, self._results, self._fetcher = v3, plans, results, fetcher
+        self._on_state = on_state or (lambda state: None)
         self.faces = faces
         self._executor = executor
         self._settings = settings
@@ -93,6 +96,7 @@ class Composer:
         }
         await self._results.put(f"{task_id}.input", source)
         await self._plans.create(StoredTask(task_id, fingerprint, doc, doc["deadline"] + KEEP_FINISHED))
+        self._on_state(RUNNING)
         return task_id, [job_id for job_id, _ in firsts]
 
     async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
@@ -180,6 +184,7 @@ class Composer:
             task.doc["finished_ms"] = int(time.time() * 1000)
         task.purge_at = purge_at or time.time() + KEEP_FINISHED
         await self._plans.save(task, self._owner)
+        self._on_state(state)
 
     async def _finish(self, task: StoredTask, state: str, reason: str, image_url: str) -> dict:
         if await self._plans.acquire(task.task_id, self._owner, self._settings.lease):

@@ -83,6 +83,8 @@ class Plan:
     rgb_input: bool = False  # the input has transparency: V3 gets it converted to RGB, as V2 did
     faces: tuple[FaceStep, ...] = ()  # only when a local face restorer is available
     warnings: tuple[str, ...] = field(default=())
+    # the features V3 lacks that this request uses (Policies' names), and what was done about each
+    decisions: tuple[tuple[str, str], ...] = ()
 
     @property
     def warn(self) -> str:
@@ -107,7 +109,7 @@ class Plan:
             branches=tuple(Branch(**b) for b in doc["branches"]), crop=pair(doc["crop"]),
             blend=doc["blend"], direct=V3Job(**doc["direct"]) if doc["direct"] else None,
             rgb_input=doc["rgb_input"], faces=tuple(FaceStep(**f) for f in doc["faces"]),
-            warnings=tuple(doc["warnings"]),
+            warnings=tuple(doc["warnings"]), decisions=tuple(tuple(d) for d in doc["decisions"]),
         )
 
 
@@ -139,12 +141,15 @@ class _Planner:
         self.faces_available = faces_available
         self.faces: list[FaceStep] = []
         self.warnings: list[str] = []
+        self.decisions: dict[str, str] = {}  # feature -> what was done: emulate, approximate, skip
         self.compose = False
 
-    def decide(self, policy: Policy, field_name: str, what: str, approximation: str) -> bool:
+    def decide(self, feature: str, field_name: str, what: str, approximation: str) -> bool:
         """True to emulate; False when approximated (with a warning); raises under strict."""
+        policy = getattr(self.policies, feature)
         if policy == "strict":
             raise _refuse(field_name, what)
+        self.decisions[feature] = policy
         if policy == "approximate":
             self.warnings.append(f"{field_name}: {what} approximated: {approximation}")
             return False
@@ -156,6 +161,7 @@ class _Planner:
             if self.policies.model == "strict":
                 raise V2Error(V2Code.MODEL_NOT_EXIST,
                               f"{field_name}: {name!r} has no same-weights V3 model (strict policy)")
+            self.decisions["model"] = "approximate"
             self.warnings.append(f"{field_name} {name!r} runs as V3 model {upscaler.v3_model} ({upscaler.note})")
 
     def plan(self) -> Plan:
@@ -190,29 +196,29 @@ class _Planner:
 
         # what V3 lacks, feature by feature
         if opts.resize_mode == 1 and not self.decide(
-                p.scale_to, "resize_mode", "1 (scale to an exact size)", f"scaled by {factor:g} instead"):
+                "scale_to", "resize_mode", "1 (scale to an exact size)", f"scaled by {factor:g} instead"):
             crop = None
-        if crop and not self.decide(p.crop, "upscaling_crop", "a centre crop", "the image is not cropped"):
+        if crop and not self.decide("crop", "upscaling_crop", "a centre crop", "the image is not cropped"):
             crop = None
-        if up2 and not self.decide(p.upscaler_2, "upscaler_2", f"blending {name2!r} in", "upscaler_2 is ignored"):
+        if up2 and not self.decide("upscaler_2", "upscaler_2", f"blending {name2!r} in", "upscaler_2 is ignored"):
             up2 = None
         named = up1  # the upscaler the client asked for, for the model warning
-        if up1.local and not self.decide(p.local_upscaler, "upscaler_1", f"{name1!r} (a local resize)",
+        if up1.local and not self.decide("local_upscaler", "upscaler_1", f"{name1!r} (a local resize)",
                                          f"V3 model {self._default().v3_model} runs instead"):
             up1, named = self._default(), None
         direct_factor = factor
         if up1.v3_model and factor <= V3_MIN_FACTOR:  # no V3 job can stand in: a local resize is exact
             if p.factor == "strict":
                 raise _refuse("upscaling_resize", f"a factor of {factor:g}")
-            self.compose = True
+            self.compose, self.decisions["factor"] = True, "emulate"
         elif up1.v3_model and factor > V3_MAX_FACTOR and not self.decide(
-                p.factor, "upscaling_resize", f"a factor of {factor:g}", f"V3 upscales by {V3_MAX_FACTOR:g}"):
+                "factor", "upscaling_resize", f"a factor of {factor:g}", f"V3 upscales by {V3_MAX_FACTOR:g}"):
             direct_factor = V3_MAX_FACTOR
         if self.image.has_alpha and p.alpha != "emulate":
-            self.decide(p.alpha, "image", "an image with transparency", "V3 sees the alpha channel")
+            self.decide("alpha", "image", "an image with transparency", "V3 sees the alpha channel")
         ttl = opts.img_expire_ttl or 0
         if ttl > V3_URL_TTL and not self.compose:
-            self.decide(p.img_expire_ttl, "img_expire_ttl", f"{ttl} s", f"V3 image URLs expire after {V3_URL_TTL} s")
+            self.decide("img_expire_ttl", "img_expire_ttl", f"{ttl} s", f"V3 image URLs expire after {V3_URL_TTL} s")
         self._faces()
         if named:
             self.model_warning("upscaler_1", name1, named)
@@ -220,6 +226,8 @@ class _Planner:
             self.model_warning("upscaler_2", name2, up2)
 
         rgb_input = self.image.has_alpha and p.alpha == "emulate"
+        if rgb_input:
+            self.decisions["alpha"] = "emulate"
         output = crop or scaled if self.compose else (int(w0 * direct_factor), int(h0 * direct_factor))
         if max(output) > MAX_OUTPUT_SIDE:  # an approximation dropped the crop that kept it small
             raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT,
@@ -227,13 +235,14 @@ class _Planner:
         if not self.compose:
             return Plan((w0, h0), scaled, output, branches=(Branch(name1, model=up1.v3_model),),
                         direct=V3Job(str(up1.v3_model), direct_factor), rgb_input=rgb_input,
-                        warnings=tuple(self.warnings))
+                        warnings=tuple(self.warnings), decisions=tuple(self.decisions.items()))
         branches = [self._branch(name1, up1, (w0, h0), scaled)]
         if up2:
             branches.append(self._branch(str(name2), up2, (w0, h0), scaled))
         return Plan((w0, h0), scaled, output, branches=tuple(branches), crop=crop,
                     blend=float(opts.extras_upscaler_2_visibility or 0) if up2 else 0.0,
-                    rgb_input=rgb_input, faces=tuple(self.faces), warnings=tuple(self.warnings))
+                    rgb_input=rgb_input, faces=tuple(self.faces), warnings=tuple(self.warnings),
+                    decisions=tuple(self.decisions.items()))
 
     def _branch(self, name: str, upscaler: Upscaler, size: tuple[int, int], scaled: tuple[int, int]) -> Branch:
         if upscaler.local:
@@ -249,9 +258,11 @@ class _Planner:
     def _identity(self, name: str) -> Plan:
         if self.policies.local_upscaler == "strict":
             raise _refuse("upscaler_1", f"{name!r} (no upscale)")
+        self.decisions["local_upscaler"] = "emulate"
         self._faces()
         size = (self.image.width, self.image.height)
-        return Plan(size, size, size, faces=tuple(self.faces), warnings=tuple(self.warnings))
+        return Plan(size, size, size, faces=tuple(self.faces), warnings=tuple(self.warnings),
+                    decisions=tuple(self.decisions.items()))
 
     def _faces(self) -> None:
         """GFPGAN then CodeFormer: restored locally where a restorer is available, else skipped."""
@@ -264,8 +275,9 @@ class _Planner:
             if self.policies.face == "emulate" and self.faces_available:
                 weight = self.opts.codeformer_weight if model == "codeformer" else None
                 self.faces.append(FaceStep(model, visibility, weight))
-                self.compose = True
+                self.compose, self.decisions["face"] = True, "emulate"
             else:
+                self.decisions["face"] = "skip"
                 self.warnings.append(f"{model}_visibility ignored: face restoration has no V3 successor")
 
     def _default(self) -> Upscaler:

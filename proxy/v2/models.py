@@ -42,6 +42,9 @@ class V2UpscaleOptions(BaseModel):
     img_expire_ttl: Annotated[Int, Field(ge=0, le=604800)] | None = None
 
 
+V2_FIELDS = ("image", *V2UpscaleOptions.model_fields)
+
+
 def validate_options(doc: dict) -> V2UpscaleOptions:
     """The V2 fields of a parsed body, or a V2Error naming the first bad field."""
     try:

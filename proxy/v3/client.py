@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
@@ -36,23 +38,33 @@ class Reply:
 
 class V3Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, errors: ErrorTable, *,
-                 retries: int = 2, backoff: float = 0.1) -> None:
+                 retries: int = 2, backoff: float = 0.1,
+                 observe: Callable[[str, float], None] | None = None) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._submit_url = URL(f"{self._base}/v3/async/upscale")
         self._errors = errors
         self._retries = retries
         self._backoff = backoff
+        self._observe = observe or (lambda call, seconds: None)
 
     async def submit(self, body: UpscaleBody, key: str) -> tuple[str, int]:
         """POST /v3/async/upscale -> (V3 task id, HTTP status)."""
-        reply = await self._call("POST", self._submit_url, key, data=body)
+        started = time.perf_counter()
+        try:
+            reply = await self._call("POST", self._submit_url, key, data=body)
+        finally:
+            self._observe("submit", time.perf_counter() - started)
         return self._parse(reply, SubmitReply).task_id, reply.status
 
     async def task_result(self, task_id: str, key: str) -> tuple[TaskResult, int]:
         """GET /v3/async/task-result -> (the task result, HTTP status)."""
         url = URL(f"{self._base}/v3/async/task-result?task_id={quote(task_id, safe='')}", encoded=True)
-        reply = await self._call("GET", url, key)
+        started = time.perf_counter()
+        try:
+            reply = await self._call("GET", url, key)
+        finally:
+            self._observe("result", time.perf_counter() - started)
         return self._parse(reply, TaskResult), reply.status
 
     def _parse(self, reply: Reply, model: type[M]) -> M:

@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app (so several apps in one process don't collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
+
+disable_created_metrics()  # the *_created series double the output and no dashboard uses them
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, max_clients: int = 100) -> None:
+        r = self.registry = CollectorRegistry()
+        self.v2_calls = Counter("upscale_proxy_v2_calls", "V2 calls by endpoint, path taken and V2 code",
+                                ["endpoint", "path", "code"], registry=r)
+        self.client_calls = Counter(
+            "upscale_proxy_v2_client_calls",
+            "V2 calls by key fingerprint; past the first clients seen, the rest count as 'other'",
+            ["client"], registry=r)
+        self.upstream_seconds = Histogram("upscale_proxy_upstream_seconds", "V3 call latency, by call",
+                                          ["call"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("upscale_proxy_in_flight_requests", "V2 and V3 requests being handled",
+                               registry=r)
+        self.composed_tasks = Counter("upscale_proxy_composed_tasks", "composed tasks by state reached",
+                                      ["state"], registry=r)
+        self.v3_passthrough = Counter("upscale_proxy_v3_passthrough", "V3 calls passed through, by status",
+                                      ["method", "status"], registry=r)
+        self._max_clients = max_clients
+        self._clients: set[str] = set()
+
+    def client(self, fingerprint: str | None) -> str:
+        """A bounded label for a client: its fingerprint while there is room, else 'other'."""
+        if fingerprint is None:
+            return "anonymous"
+        if fingerprint in self._clients:
+            return fingerprint
+        if len(self._clients) < self._max_clients:
+            self._clients.add(fingerprint)
+            return fingerprint
+        return "other"
+
+    def observe_upstream(self, call: str, seconds: float) -> None:
+        self.upstream_seconds.labels(call).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
