@@ -38,8 +38,7 @@ class Deprecation:
         self._common = common
 
     def apply(self, headers: CIMultiDict, endpoint: str | None) -> None:
-        for name, value in self._headers.get(endpoint or "", self._common):
-            headers.add(name, value)
+        headers.extend(self._headers.get(endpoint or "", self._common))
 
 
 class BrownoutRefusal(V2Error):

@@ -29,6 +29,22 @@ class Metrics:
                                       ["method", "status"], registry=r)
         self._max_clients = max_clients
         self._clients: set[str] = set()
+        self._calls: dict[tuple, Counter] = {}
+        self._client_calls: dict[str, Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+
+    def count_v2_call(self, endpoint: str, path: str, code: int, fingerprint: str | None) -> None:
+        """One V2 call, in both counters; label children are cached (labels() takes a lock each time)."""
+        key = (endpoint, path, code)
+        child = self._calls.get(key)
+        if child is None:
+            child = self._calls[key] = self.v2_calls.labels(endpoint, path, code)
+        child.inc()
+        label = self.client(fingerprint)
+        child = self._client_calls.get(label)
+        if child is None:
+            child = self._client_calls[label] = self.client_calls.labels(label)
+        child.inc()
 
     def client(self, fingerprint: str | None) -> str:
         """A bounded label for a client: its fingerprint while there is room, else 'other'."""
@@ -42,7 +58,10 @@ class Metrics:
         return "other"
 
     def observe_upstream(self, call: str, seconds: float) -> None:
-        self.upstream_seconds.labels(call).observe(seconds)
+        child = self._latency.get(call)
+        if child is None:
+            child = self._latency[call] = self.upstream_seconds.labels(call)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

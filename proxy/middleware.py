@@ -65,8 +65,7 @@ async def v2_edge(request: web.Request, handler) -> web.StreamResponse:
         metrics.in_flight.dec()
     app[DEPRECATION].apply(response.headers, endpoint)
     path_taken = fields.pop("path_taken", "refused" if code else "direct")
-    metrics.v2_calls.labels(endpoint or "unknown", path_taken, int(code)).inc()
-    metrics.client_calls.labels(metrics.client(fp)).inc()
+    metrics.count_v2_call(endpoint or "unknown", path_taken, int(code), fp)
     log.info(
         "v2.deprecated_call", method=request.method, path=request.path, endpoint=endpoint,
         fingerprint=fp, user_agent=request.headers.get("User-Agent", ""), path_taken=path_taken,
