@@ -15,8 +15,8 @@ from aiohttp import web
 from proxy import __version__, logs, mappings, ops
 from proxy.compose.fetch import ImageFetcher
 from proxy.compose.tasks import Composer, ComposerSettings
-from proxy.emulator import EmulatorSettings, create_emulator_app
 from proxy.deprecation import Brownouts, Deprecation
+from proxy.emulator import EmulatorSettings, create_emulator_app
 from proxy.fingerprint import load_secret
 from proxy.metrics import Metrics
 from proxy.middleware import v2_edge
@@ -81,6 +81,9 @@ async def composer(app: web.Application) -> AsyncIterator[None]:
     app[SECRET] = load_secret(s.fingerprint_secret and s.fingerprint_secret.get_secret_value(), s.data_dir)
     plans = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
     hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
+    if not s.emulate_v3 and not s.image_hosts:
+        log.warning("composed tasks can fetch V3 images from the upstream's host only; "
+                    "set UPSCALE_PROXY_IMAGE_HOSTS to the host of V3's image URLs", allowed=sorted(hosts))
     fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout,
                            observe=app[METRICS].observe_upstream)
     with ThreadPoolExecutor(s.compose_workers, thread_name_prefix="compose") as executor:

@@ -69,8 +69,6 @@ def _offline(command: str, args: dict) -> None:
     import orjson
 
     from proxy import audit, guide, mappings
-    from proxy.errors import V2Error
-    from proxy.ops import translate_body
 
     tables = mappings.load()
     if command == "guide":
@@ -84,13 +82,24 @@ def _offline(command: str, args: dict) -> None:
         else:
             sys.stdout.write(audit.render(rows))
     else:
-        policies = _settings(Settings, {}).policies()
-        try:
-            result = translate_body(_read(args["file"]), tables, policies)
-        except V2Error as e:
-            print(f"upscale-v2-proxy: the proxy would answer code {int(e.code)}: {e.msg}", file=sys.stderr)
-            raise SystemExit(1) from None
-        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+        _translate(_read(args["file"]), tables)
+
+
+def _translate(body: bytes, tables) -> None:
+    """The translate preview, as POST /_proxy/translate answers it, with this environment's policies."""
+    import orjson
+
+    from proxy.errors import V2Error
+    from proxy.translate.preview import preview
+    from proxy.v2.body import split_image
+    from proxy.v2.handlers import plan_body
+
+    try:
+        _, image, _, plan = plan_body(*split_image(body), tables, _settings(Settings, {}).policies())
+    except V2Error as e:
+        print(f"upscale-v2-proxy: the proxy would answer code {int(e.code)}: {e.msg}", file=sys.stderr)
+        raise SystemExit(1) from None
+    sys.stdout.write(orjson.dumps(preview(plan, image), option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:

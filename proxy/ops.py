@@ -9,11 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
 from proxy.state import MAPPINGS, METRICS, POLICIES, READINESS
-from proxy.translate.plan import plan_upscale
 from proxy.translate.preview import preview
 from proxy.v2.body import split_image
-from proxy.v2.image import probe
-from proxy.v2.models import validate_options
+from proxy.v2.handlers import plan_body
 from proxy.v2.reply import v2_reply
 
 
@@ -40,17 +38,11 @@ async def guide(request: web.Request) -> web.Response:
     return web.Response(text=make_guide(request.app[MAPPINGS]), content_type="text/markdown")
 
 
-def translate_body(body: bytes, app_mappings, policies) -> dict:
-    """The translate preview of a V2 upscale body (raises V2Error as the proxy would answer)."""
-    doc, image_b64 = split_image(body)
-    options = validate_options(doc)
-    image, _ = probe(image_b64)
-    return preview(plan_upscale(options, image, app_mappings, policies), image)
-
-
 async def translate(request: web.Request) -> web.Response:
     """POST a V2 upscale body: the V3 request(s) it becomes, with no upstream call."""
     try:
-        return v2_reply(data=translate_body(await request.read(), request.app[MAPPINGS], request.app[POLICIES]))
+        _, image, _, plan = plan_body(*split_image(await request.read()), request.app[MAPPINGS],
+                                      request.app[POLICIES])
     except V2Error as e:
         return v2_reply(e.code, e.msg)
+    return v2_reply(data=preview(plan, image))

@@ -9,12 +9,13 @@ from aiohttp import web
 from proxy.compose.tasks import is_composed_id
 from proxy.errors import V2Code, V2Error
 from proxy.state import COMPOSER, FINGERPRINT, LOG_FIELDS, MAPPINGS, POLICIES, SETTINGS, V3
-from proxy.translate.plan import V3_URL_TTL, plan_upscale
+from proxy.mappings import Mappings
+from proxy.translate.plan import V3_URL_TTL, Plan, Policies, plan_upscale
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
-from proxy.v2.image import probe
-from proxy.v2.models import V2_FIELDS, validate_options
+from proxy.v2.image import ImageInfo, probe
+from proxy.v2.models import V2_FIELDS, V2UpscaleOptions, validate_options
 from proxy.v2.reply import v2_reply
 from proxy.v3.payload import UpscaleBody
 
@@ -26,15 +27,22 @@ def _image_url(request: web.Request, task_id: str) -> str:
     return f"{base}/v2/images/{task_id}.png"
 
 
+def plan_body(doc: dict, image_b64: memoryview | bytes, mappings: Mappings, policies: Policies,
+              faces_available: bool = False) -> tuple[V2UpscaleOptions, ImageInfo, memoryview | bytes, Plan]:
+    """A parsed V2 upscale body -> (its options, the image, the base64 to forward, the Plan)."""
+    options = validate_options(doc)
+    image, image_b64 = probe(image_b64)
+    return options, image, image_b64, plan_upscale(options, image, mappings, policies, faces_available)
+
+
 async def upscale(request: web.Request) -> web.Response:
     app = request.app
     key = api_key(request)
     doc, image_b64 = split_image(await request.read())
     log = request[LOG_FIELDS]
     log["fields"] = [name for name in V2_FIELDS if doc.get(name) is not None]
-    options = validate_options(doc)
-    image, image_b64 = probe(image_b64)
-    plan = plan_upscale(options, image, app[MAPPINGS], app[POLICIES], app[COMPOSER].faces.available)
+    options, _, image_b64, plan = plan_body(doc, image_b64, app[MAPPINGS], app[POLICIES],
+                                            app[COMPOSER].faces.available)
     log.update(features=dict(plan.decisions), warnings=list(plan.warnings))
     if plan.direct:
         if plan.rgb_input:
