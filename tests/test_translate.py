@@ -17,7 +17,7 @@ from proxy.v2.image import ImageInfo, probe
 from proxy.v2.models import V2UpscaleOptions
 from proxy.v3.models import TaskResult
 from proxy.v3.payload import UpscaleBody
-from tests.images import b64, encode, pattern
+from tests.images import encode, pattern
 
 M = mappings.load()
 

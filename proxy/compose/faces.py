@@ -29,3 +29,6 @@ class SkipFaces:
     def restore(self, image: Image.Image, model: FaceModel, visibility: float,
                 weight: float | None) -> Image.Image:
         return image
+
+
+NO_FACES = SkipFaces()

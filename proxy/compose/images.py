@@ -8,7 +8,7 @@ import warnings
 
 from PIL import Image
 
-from proxy.compose.faces import FaceRestorer, SkipFaces
+from proxy.compose.faces import NO_FACES, FaceRestorer
 from proxy.translate.plan import MAX_PIXELS, Plan
 
 FILTERS = {"LANCZOS": Image.Resampling.LANCZOS, "NEAREST": Image.Resampling.NEAREST}
@@ -56,7 +56,7 @@ def centre_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def compose(plan: Plan, source: bytes, passes: list[bytes | None],
-            faces: FaceRestorer = SkipFaces()) -> bytes:
+            faces: FaceRestorer = NO_FACES) -> bytes:
     """The V2 result as PNG bytes, from the input and each branch's last V3 pass (None: local)."""
     original = decode_rgb(source)
     result = _upscaled(plan, original, passes)

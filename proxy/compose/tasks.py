@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pybase64
 import structlog
 
-from proxy.compose.faces import FaceRestorer, SkipFaces
+from proxy.compose.faces import NO_FACES, FaceRestorer
 from proxy.compose.fetch import FetchError, ImageFetcher
 from proxy.compose.images import ImageTooLarge, compose, rgb_png
 from proxy.errors import V2Code, V2Error
@@ -58,7 +58,7 @@ class ComposerSettings:
 
 class Composer:
     def __init__(self, v3: V3Client, plans: PlanStore, results: ResultStore, fetcher: ImageFetcher,
-                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = SkipFaces(),
+                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = NO_FACES,
                  on_state: Callable[[str], None] | None = None) -> None:
         self._v3, self._plans, self._results, self._fetcher = v3, plans, results, fetcher
         self._on_state = on_state or (lambda state: None)
