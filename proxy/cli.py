@@ -140,11 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     if command == "emulator":
         emulator = _settings(EmulatorSettings, args)
         logs.configure(log_opts["log_format"] or "auto", log_opts["log_level"] or "info")
-        log.info("emulator listening", url=f"http://{emulator.host}:{emulator.port}")
         app = create_emulator_app(emulator)
         app.cleanup_ctx.append(logs.flush_periodically)
-        web.run_app(app, host=emulator.host, port=emulator.port,
-                    access_log=None, print=None, loop=_new_loop())
+        _run(app, emulator.host, emulator.port, lambda: log.info(
+            "emulator listening", url=f"http://{emulator.host}:{emulator.port}"))
         return
 
     emulator = _settings(EmulatorSettings, {"port": args.pop("emulator_port")})
@@ -157,7 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     except MappingsError as e:
         print(f"upscale-v2-proxy: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    log.info("proxy listening", url=f"http://{settings.host}:{settings.port}",
-             upstream="emulator" if settings.emulate_v3 else settings.upstream)
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
-                loop=_new_loop())
+    _run(app, settings.host, settings.port, lambda: log.info(
+        "proxy listening", url=f"http://{settings.host}:{settings.port}",
+        upstream="emulator" if settings.emulate_v3 else settings.upstream))
+
+
+def _run(app: web.Application, host: str, port: int, announce) -> None:
+    """Serve until SIGINT/SIGTERM; `announce` once listening. A port in use exits 2, clearly."""
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=lambda _: announce(),
+                    loop=_new_loop())
+    except OSError as e:  # most often: the port is taken
+        logs.flush()
+        print(f"upscale-v2-proxy: cannot start: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -144,3 +144,16 @@ def test__bad_setting__stops_start_up_naming_it(args, env, named):
                           env={**os.environ, **env}, timeout=30)
     assert proc.returncode == 2
     assert named in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test__port_in_use__stops_start_up_with_a_clear_message():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with tempfile.TemporaryDirectory() as data:
+            proc = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", str(port)], capture_output=True,
+                                  text=True, timeout=30, env={**os.environ, "UPSCALE_PROXY_DATA_DIR": data})
+    assert proc.returncode == 2
+    assert "cannot start" in proc.stderr and "address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
