@@ -15,6 +15,7 @@ from proxy.emulator import EMULATOR, EmulatorSettings, create_emulator_app
 from proxy.emulator.app import Emulator
 from proxy.settings import Settings
 
+
 class LogLines:
     """What the proxy logged during a test, as parsed JSON lines."""
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 
+# a copy of ../shared/contracts, so that the suite runs from this repository alone
+CONTRACTS = Path(__file__).parent / "contracts"
 KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

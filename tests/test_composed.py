@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,12 +18,11 @@ from proxy.compose.images import ImageTooLarge, decode_rgb
 from proxy.compose.tasks import is_composed_id
 from proxy.emulator import EMULATOR
 from proxy.settings import Settings
-from tests.helpers import AUTH, poll_until_done, upscale, v2_call
+from tests.helpers import AUTH, CONTRACTS, poll_until_done, upscale, v2_call
 from tests.images import decode, encode, pattern
 
 MODELS = {"R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B", "R-ESRGAN 4x+": "RealESRNet_x4plus",
           "4x-UltraSharp": "4x-UltraSharp", "LDSR": "RealESRNet_x4plus"}
-CONTRACTS = Path(__file__).parent.parent.parent / "shared" / "contracts"
 FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 

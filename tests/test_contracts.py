@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import aiohttp
@@ -12,15 +13,27 @@ from proxy.translate.errors import from_v3_error
 from proxy.translate.progress import progress_data
 from proxy.v2.models import validate_options
 from proxy.v3.models import SubmitReply, TaskResult
-from tests.helpers import AUTH, poll_until_done, upscale
+from tests.helpers import AUTH, CONTRACTS, poll_until_done, upscale
 from tests.images import b64
 
-CONTRACTS = Path(__file__).parent.parent.parent / "shared" / "contracts"
 MAPPINGS = load()
 
 
 def sample(name: str) -> dict:
     return json.loads((CONTRACTS / f"{name}.json").read_text())
+
+
+SHARED = Path(__file__).parent.parent.parent / "shared" / "contracts"
+
+
+def test__the_copy_of_the_contracts__matches_the_shared_ones():
+    if not SHARED.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI has ../shared beside the checkout: the copy of the contracts can't be checked")
+        pytest.skip("no ../shared/contracts beside this checkout")
+    shared = {p.name: p.read_bytes() for p in SHARED.iterdir()}
+    copied = {p.name: p.read_bytes() for p in CONTRACTS.iterdir()}
+    assert copied == shared
 
 
 def assert_conforms(actual, expected, where="$"):

@@ -3,14 +3,11 @@
 import asyncio
 import base64
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import AUTH, poll_until_done, upscale
+from tests.helpers import AUTH, CONTRACTS, poll_until_done, upscale
 from tests.images import b64, decode, encode, pattern
-
-CONTRACTS = Path(__file__).parent.parent.parent / "shared" / "contracts"
 
 
 async def download(client, url: str) -> bytes:
