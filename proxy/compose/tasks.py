@@ -25,7 +25,7 @@ from proxy.compose.images import ImageTooLarge, compose, rgb_png
 from proxy.errors import V2Code, V2Error
 from proxy.stores import PlanStore, ResultStore, StoredTask
 from proxy.translate.plan import V3_NATIVE, Plan
-from proxy.translate.progress import v2_time
+from proxy.translate.progress import v2_progress
 from proxy.v3.client import V3Client
 from proxy.v3.models import TaskResult
 from proxy.v3.payload import UpscaleBody
@@ -209,38 +209,16 @@ class Composer:
         return len(gone)
 
 
-def _times(doc: dict) -> dict:
-    submit_ms = int(doc["created"] * 1000)
-    executed = doc["executed_ms"] or (submit_ms if doc["finished_ms"] else 0)
-    finished = doc["finished_ms"]
-    return {
-        "submit_time": v2_time(submit_ms), "execution_time": v2_time(executed),
-        "txt2img_time": v2_time(finished), "finish_time": v2_time(finished),
-        "debug_info": {"submit_time_ms": submit_ms, "execution_time_ms": executed,
-                       "txt2img_time_ms": finished, "finish_time_ms": finished},
-    }
-
-
 def _data(doc: dict, image_url: str, status: int | None = None, progress: float = 1, eta: float = 0) -> dict:
     state = doc["state"]
-    status = V2_STATUS[state] if status is None else status
-    times = _times(doc)
-    return {
-        "status": status,
-        "progress": progress,
-        "eta_relative": eta,
-        "imgs": [image_url] if state == SUCCEEDED else None,
-        "failed_reason": doc["reason"] if state in (FAILED, TIMEOUT) else "",
-        "current_images": [],
-        "submit_time": times["submit_time"],
-        "execution_time": times["execution_time"],
-        "txt2img_time": times["txt2img_time"],
-        "finish_time": times["finish_time"],
-        "info": "",
-        "enable_nsfw_detection": False,
-        "nsfw_detection_result": [],
-        "debug_info": times["debug_info"],
-    }
+    submit_ms = int(doc["created"] * 1000)
+    finished = doc["finished_ms"]
+    return v2_progress(
+        status=V2_STATUS[state] if status is None else status, progress=progress, eta=eta,
+        imgs=[image_url] if state == SUCCEEDED else None,
+        failed_reason=doc["reason"] if state in (FAILED, TIMEOUT) else "",
+        submit_ms=submit_ms, execution_ms=doc["executed_ms"] or (submit_ms if finished else 0), finish_ms=finished,
+    )
 
 
 def _running(plan: Plan, doc: dict, last: list[TaskResult | None]) -> dict:

@@ -39,34 +39,50 @@ def _progress(status: int, result: TaskResult, now_ms: int) -> float:
     return 0
 
 
+def v2_progress(*, status: int, progress: float, eta: float, imgs: list[str] | None, failed_reason: str,
+                submit_ms: int, execution_ms: int, finish_ms: int, nsfw: bool = False,
+                nsfw_results: list[dict] | None = None) -> dict:
+    """The V2 progress `data`, every field present (legacy decoders fail on a missing one)."""
+    return {
+        "status": status,
+        "progress": progress,
+        "eta_relative": eta,
+        "imgs": imgs,
+        "failed_reason": failed_reason,
+        "current_images": [],
+        "submit_time": v2_time(submit_ms),
+        "execution_time": v2_time(execution_ms),
+        "txt2img_time": v2_time(finish_ms),
+        "finish_time": v2_time(finish_ms),
+        "info": "",
+        "enable_nsfw_detection": nsfw,
+        "nsfw_detection_result": nsfw_results or [],
+        "debug_info": {
+            "submit_time_ms": submit_ms,
+            "execution_time_ms": execution_ms,
+            "txt2img_time_ms": finish_ms,
+            "finish_time_ms": finish_ms,
+        },
+    }
+
+
 def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int | None = None) -> dict:
+    """A V3 task result as V2 progress (the direct path)."""
     status = status_table.get(result.task.status, 1)  # unknown: still running
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     times = result.extra.debug_info
     images = result.images or []
     nsfw = result.extra.enable_nsfw_detection
-    return {
-        "status": status,
-        "progress": _progress(status, result, now_ms),
-        "eta_relative": 0 if status in FINAL else _number(max(result.task.eta, 0)),
-        "imgs": [img.image_url for img in images] if status == 2 else None,
-        "failed_reason": result.task.reason if status == 3 else "",
-        "current_images": [],
-        "submit_time": v2_time(times.submit_time_ms),
-        "execution_time": v2_time(times.execute_time_ms),
-        "txt2img_time": v2_time(times.complete_time_ms),
-        "finish_time": v2_time(times.complete_time_ms),
-        "info": "",
-        "enable_nsfw_detection": nsfw,
-        "nsfw_detection_result": [
-            {"valid": img.nsfw_detection_result.valid,
-             "confidence": _number(img.nsfw_detection_result.confidence)}
+    return v2_progress(
+        status=status,
+        progress=_progress(status, result, now_ms),
+        eta=0 if status in FINAL else _number(max(result.task.eta, 0)),
+        imgs=[img.image_url for img in images] if status == 2 else None,
+        failed_reason=result.task.reason if status == 3 else "",
+        submit_ms=times.submit_time_ms, execution_ms=times.execute_time_ms, finish_ms=times.complete_time_ms,
+        nsfw=nsfw,
+        nsfw_results=[
+            {"valid": img.nsfw_detection_result.valid, "confidence": _number(img.nsfw_detection_result.confidence)}
             for img in images if nsfw and img.nsfw_detection_result is not None
         ],
-        "debug_info": {
-            "submit_time_ms": times.submit_time_ms,
-            "execution_time_ms": times.execute_time_ms,
-            "txt2img_time_ms": times.complete_time_ms,
-            "finish_time_ms": times.complete_time_ms,
-        },
-    }
+    )
