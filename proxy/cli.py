@@ -54,41 +54,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read(name: str) -> bytes:
+def _open(name: str):
+    """A binary file to read: stdin for `-`; a file that can't be opened exits with its reason."""
     if name == "-":
-        return sys.stdin.buffer.read()
+        return sys.stdin.buffer
     try:
-        with open(name, "rb") as f:
-            return f.read()
+        return open(name, "rb")  # noqa: SIM115 (closed by the caller's `with`)
     except OSError as e:
         raise SystemExit(f"upscale-v2-proxy: {e}") from None
 
 
-def _offline(command: str, args: dict) -> None:
-    """translate | audit | guide: no server, just the tables (and the policies, for translate)."""
+def _print_json(doc: object) -> None:
     import orjson
 
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _offline(command: str, args: dict) -> None:
+    """translate | audit | guide: no server, just the tables (and the policies, for translate)."""
     from proxy import audit, guide, mappings
 
     tables = mappings.load()
     if command == "guide":
         sys.stdout.write(guide.guide(tables))
     elif command == "audit":
-        source = sys.stdin.buffer if args["file"] == "-" else open(args["file"], "rb")  # noqa: SIM115
-        with source:
+        with _open(args["file"]) as source:
             rows = audit.report(audit.read_events(source), tables)
         if args["json"]:
-            sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+            _print_json(rows)
         else:
             sys.stdout.write(audit.render(rows))
     else:
-        _translate(_read(args["file"]), tables)
+        with _open(args["file"]) as source:
+            _translate(source.read(), tables)
 
 
 def _translate(body: bytes, tables) -> None:
     """The translate preview, as POST /_proxy/translate answers it, with this environment's policies."""
-    import orjson
-
     from proxy.errors import V2Error
     from proxy.translate.preview import preview
     from proxy.v2.body import split_image
@@ -99,7 +101,7 @@ def _translate(body: bytes, tables) -> None:
     except V2Error as e:
         print(f"upscale-v2-proxy: the proxy would answer code {int(e.code)}: {e.msg}", file=sys.stderr)
         raise SystemExit(1) from None
-    sys.stdout.write(orjson.dumps(preview(plan, image), option=orjson.OPT_INDENT_2).decode() + "\n")
+    _print_json(preview(plan, image))
 
 
 def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
