@@ -56,7 +56,11 @@ class Brownouts:
         self._guide = guide
         self._random = (rng or random.Random()).random
 
-    def check(self, now: datetime, fingerprint: str | None) -> None:
+    def check(self, fingerprint: str | None, now: datetime | None = None) -> None:
+        """Raise BrownoutRefusal if a window refuses this call; free when no window is configured."""
+        if not self._windows:
+            return
+        now = now or datetime.now(UTC)
         for window in self._windows:
             if window.start <= now < window.end and fingerprint not in window.allow:
                 if window.fraction >= 1 or self._random() < window.fraction:

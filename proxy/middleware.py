@@ -8,7 +8,6 @@ unexpected is logged with its traceback and answered with code -1, never shown t
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 import structlog
 from aiohttp import web
@@ -49,7 +48,7 @@ async def v2_edge(request: web.Request, handler) -> web.StreamResponse:
     code = V2Code.NORMAL
     metrics.in_flight.inc()
     try:
-        app[BROWNOUTS].check(datetime.now(UTC), fp)
+        app[BROWNOUTS].check(fp)
         response = await handler(request)
     except web.HTTPException as e:
         err = _from_http_error(e)
