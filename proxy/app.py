@@ -21,7 +21,7 @@ from proxy.fingerprint import load_secret
 from proxy.metrics import Metrics
 from proxy.middleware import v2_edge
 from proxy.settings import Settings
-from proxy.state import (BROWNOUTS, COMPOSER, DEPRECATION, MAPPINGS, METRICS, POLICIES, READINESS, SECRET,
+from proxy.keys import (BROWNOUTS, COMPOSER, DEPRECATION, MAPPINGS, METRICS, POLICIES, READINESS, SECRET,
                          SESSION, SETTINGS, UPSTREAM_URL, V3, Readiness)
 from proxy.stores import FileResultStore, SqlitePlanStore
 from proxy.v2 import handlers as v2

@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.deprecation import BrownoutRefusal
 from proxy.errors import V2Code, V2Error
 from proxy.fingerprint import fingerprint
-from proxy.state import BROWNOUTS, DEPRECATION, FINGERPRINT, LOG_FIELDS, METRICS, SECRET
+from proxy.keys import BROWNOUTS, DEPRECATION, FINGERPRINT, LOG_FIELDS, METRICS, SECRET
 from proxy.v2.auth import find_key
 from proxy.v2.reply import v2_reply
 

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
-from proxy.state import MAPPINGS, METRICS, POLICIES, READINESS
+from proxy.keys import MAPPINGS, METRICS, POLICIES, READINESS
 from proxy.translate.preview import preview
 from proxy.v2.body import split_image
 from proxy.v2.handlers import plan_body

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy.compose.tasks import is_composed_id
 from proxy.errors import V2Code, V2Error
-from proxy.state import COMPOSER, FINGERPRINT, LOG_FIELDS, MAPPINGS, POLICIES, SETTINGS, V3
+from proxy.keys import COMPOSER, FINGERPRINT, LOG_FIELDS, MAPPINGS, POLICIES, SETTINGS, V3
 from proxy.mappings import Mappings
 from proxy.translate.plan import V3_URL_TTL, Plan, Policies, plan_upscale
 from proxy.translate.progress import progress_data

@@ -11,7 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.state import METRICS, SESSION, UPSTREAM_URL
+from proxy.keys import METRICS, SESSION, UPSTREAM_URL
 
 # RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
 HOP_BY_HOP = frozenset({

@@ -1,4 +1,4 @@
-"""Typed keys for what the app and each request carry."""
+"""Typed keys for what the app and each request carry (aiohttp AppKey and RequestKey)."""
 
 from aiohttp import ClientSession, web
 
