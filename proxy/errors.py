@@ -1,4 +1,4 @@
-"""V2 result codes and the one exception type that carries them to the edge."""
+"""V2 result codes, V2 task statuses, and the one exception type that carries a code to the edge."""
 
 from enum import IntEnum
 
@@ -20,8 +20,23 @@ class V2Code(IntEnum):
     NOT_SUPPORT = 10
 
 
+class V2Status(IntEnum):
+    """`data.status` of a V2 progress reply (spec section 2)."""
+
+    INITIALIZING = 0
+    RUNNING = 1
+    SUCCESSFUL = 2
+    FAILED = 3
+    TIMEOUT = 4
+
+    @property
+    def final(self) -> bool:
+        """A final status never changes again: a client stops polling."""
+        return self >= V2Status.SUCCESSFUL
+
+
 class V2Error(Exception):
-    """An error the client is told about: raised anywhere, turned into a V2 body by the middleware.
+    """An error the client is told about: raised anywhere, turned into a V2 body at the V2 edge.
 
     `upstream_status` is the V3 HTTP status when the error came from upstream (for the log line);
     `http_status` is 200 but where V2 itself used another (an expired image is a 404).

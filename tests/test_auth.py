@@ -1,6 +1,7 @@
 """The three header forms legacy clients use; the key always goes upstream as a Bearer token."""
 
 import pytest
+from aiohttp import web
 
 from tests.helpers import KEY, poll_until_done, upscale, v2_call
 from tests.images import b64
@@ -47,4 +48,22 @@ async def test__key__is_never_logged(start_emulator, start_proxy, log_lines):
         await upscale(client, BODY, headers=headers)  # refused upstream: code 4
         await v2_call(client, "GET", "/v2/progress?task_id=abc", headers=headers)
     assert len(log_lines.requests()) == 4
+    assert KEY not in log_lines.text
+
+
+async def test__upstream_message_echoing_the_key__is_redacted_in_msg_and_log(aiohttp_server, start_proxy,
+                                                                              log_lines):
+    async def refuse(request: web.Request) -> web.Response:  # an upstream that quotes the key back
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        return web.json_response({"code": 403, "reason": "INVALID_API_KEY", "message": f"key {key} is not valid",
+                                  "metadata": {}}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    client = await start_proxy(str((await aiohttp_server(app)).make_url("")))
+    reply = await upscale(client, BODY)
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")
+    for said in (reply, poll):
+        assert said["code"] == 4 and said["msg"] == "upstream error: INVALID_API_KEY: key [redacted] is not valid"
+    assert [e["msg"] for e in log_lines.requests()] == [reply["msg"], poll["msg"]]
     assert KEY not in log_lines.text

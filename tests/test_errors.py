@@ -1,11 +1,15 @@
 """Every V2 code this proxy can answer, each reached through real servers on loopback."""
 
 import pytest
+from aiohttp import web
 
 from proxy.app import create_app
 from proxy.emulator.v3 import ERROR_STATUS
+from proxy.errors import V2Code
 from proxy.mappings import load
 from proxy.settings import Settings
+from proxy.translate.errors import to_v2_error
+from proxy.v3.errors import V3BadReply, V3Error, V3StatusError, V3Timeout, V3Unreachable
 from tests.helpers import AUTH, KEY, closed_port_url, upscale, v2_call
 from tests.images import b64
 
@@ -91,12 +95,15 @@ async def test__key_refused_upstream__is_code_4(start_emulator, start_proxy):
     assert reply["code"] == 4 and "INVALID_API_KEY" in reply["msg"]
 
 
-async def test__upstream_unreachable__is_code_5(start_proxy):
-    client = await start_proxy(closed_port_url(), upstream_retries=1)
+async def test__upstream_unreachable__is_code_5_naming_no_address(start_proxy):
+    url = closed_port_url()
+    client = await start_proxy(url, upstream_retries=1)
     reply = await upscale(client, OK)
     assert reply["code"] == 5 and "unreachable" in reply["msg"]
     poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")
     assert poll["code"] == 5
+    for msg in (reply["msg"], poll["msg"]):
+        assert url.split("//")[1] not in msg and "Cannot connect" not in msg
 
 
 @pytest.mark.parametrize(("changes", "words"), [
@@ -201,6 +208,41 @@ async def test__transient_5xx_on_poll__is_retried_and_succeeds(start_emulator, s
     poll = await v2_call(client, "GET", f"/v2/progress?task_id={reply['data']['task_id']}")
     assert poll["code"] == 0
     assert emu.requests["result"] == 3
+
+
+async def test__unreadable_200_from_upstream__is_code_minus_1(aiohttp_server, start_proxy, log_lines):
+    async def garbage(request):
+        return web.Response(text="<html>an error page, sent with 200</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", garbage)
+    client = await start_proxy(str((await aiohttp_server(app)).make_url("")))
+    reply = await v2_call(client, "GET", "/v2/progress?task_id=abc")
+    assert reply == {"code": -1, "msg": "upstream sent a reply the proxy cannot read", "data": None}
+    assert log_lines.requests()[0]["upstream_status"] == 200
+
+
+# --- V3 error -> V2 error, at the edge: each kind of V3Error, by the table --------------------------
+
+@pytest.mark.parametrize(("err", "code", "msg"), [
+    (V3StatusError(403, "INVALID_API_KEY", "invalid api key"), 4, "upstream error: INVALID_API_KEY: invalid api key"),
+    (V3StatusError(403, "SOMETHING_NEW", "x"), 4, "upstream error: SOMETHING_NEW: x"),  # by status
+    (V3StatusError(418, "", ""), 1, "upstream error: HTTP 418"),  # the 4xx fallback
+    (V3StatusError(599, "", ""), -1, "upstream error: HTTP 599"),  # the 5xx fallback
+    (V3StatusError(429, "RATE_LIMIT_EXCEEDED", ""), 5,
+     "upstream error: RATE_LIMIT_EXCEEDED (V3 rate limit reached (HTTP 429); V2 has no code for it, retry later)"),
+    (V3Unreachable("could not connect to V3", sent=False), 5, "upstream unreachable: could not connect to V3"),
+    (V3Timeout("V3 did not answer in time"), 9, "upstream did not answer in time"),
+    (V3BadReply("V3 sent a reply that cannot be read"), -1, "upstream sent a reply the proxy cannot read"),
+])
+def test__v3_error__maps_to_a_v2_code_and_message(err: V3Error, code, msg):
+    v2 = to_v2_error(err, TABLE.errors, KEY)
+    assert (v2.code, v2.msg, v2.upstream_status) == (V2Code(code), msg, err.status)
+
+
+def test__v3_error_echoing_the_key__is_redacted():
+    v2 = to_v2_error(V3StatusError(403, "INVALID_API_KEY", f"key {KEY} is not valid"), TABLE.errors, KEY)
+    assert v2.msg == "upstream error: INVALID_API_KEY: key [redacted] is not valid"
 
 
 async def test__proxy_bug__is_code_minus_1_and_logged_with_traceback(aiohttp_client, log_lines, tmp_path):

@@ -1,4 +1,7 @@
-"""The typed V3 client: one pooled session, explicit timeouts, a retry policy, V3 errors as V2Error.
+"""The typed V3 client: one pooled session, explicit timeouts, a retry policy, V3's own errors.
+
+It raises only the errors drawn in `proxy.v3.errors`; aiohttp's exceptions become those in one
+place (`_mapped_errors`), and V2 codes are none of its business (the V2 edge maps them).
 
 Retries: a GET is retried after a connection error or a 5xx, with jittered exponential backoff.
 A POST is retried only when the connection could not be opened at all: once its body may have
@@ -10,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
@@ -19,9 +23,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
-from proxy.errors import V2Code, V2Error
-from proxy.mappings import ErrorTable
-from proxy.translate.errors import from_v3_error
+from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import SubmitReply, TaskResult
 from proxy.v3.payload import UpscaleBody
 
@@ -36,14 +38,26 @@ class Reply:
     body: bytes
 
 
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """aiohttp's exceptions -> V3's. The messages name no address (aiohttp's do): the original
+    stays the `__cause__`, for the log."""
+    try:
+        yield
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        raise V3Unreachable("could not connect to V3", sent=False) from e
+    except TimeoutError as e:  # after the connect timeout above: the whole call took too long
+        raise V3Timeout("V3 did not answer in time") from e
+    except aiohttp.ClientError as e:
+        raise V3Unreachable("the connection to V3 broke before its reply was read", sent=True) from e
+
+
 class V3Client:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, errors: ErrorTable, *,
-                 retries: int = 2, backoff: float = 0.1,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, retries: int = 2,
+                 backoff: float = 0.1, observe: Callable[[str, float], None] | None = None) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._submit_url = URL(f"{self._base}/v3/async/upscale")
-        self._errors = errors
         self._retries = retries
         self._backoff = backoff
         self._observe = observe or (lambda call, seconds: None)
@@ -67,31 +81,28 @@ class V3Client:
             self._observe("result", time.perf_counter() - started)
         return self._parse(reply, TaskResult), reply.status
 
-    def _parse(self, reply: Reply, model: type[M]) -> M:
+    @staticmethod
+    def _parse(reply: Reply, model: type[M]) -> M:
         if reply.status != 200:
-            raise from_v3_error(reply.status, reply.body, self._errors)
+            raise V3StatusError.from_reply(reply.status, reply.body)
         try:
             return model.model_validate_json(reply.body)
         except ValidationError as e:
-            raise V2Error(V2Code.INTERNAL_ERROR, "upstream sent a reply the proxy cannot read",
-                          upstream_status=reply.status) from e
+            raise V3BadReply("V3 sent a reply that cannot be read") from e
 
     async def _call(self, method: str, url: URL, key: str, **kwargs) -> Reply:
         headers = {"Authorization": f"Bearer {key}"}
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                async with self._session.request(method, url, headers=headers, **kwargs) as resp:
-                    body = await resp.read()
-                    if method != "GET" or last or resp.status not in RETRY_STATUSES:
-                        return Reply(resp.status, body)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-                if last:  # nothing was sent: safe to retry any method
-                    raise V2Error(V2Code.HOST_UNAVAILABLE, f"upstream unreachable: {e}") from e
-            except TimeoutError as e:
-                raise V2Error(V2Code.TIMEOUT, "upstream did not answer in time") from e
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                if method != "GET" or last:
-                    raise V2Error(V2Code.HOST_UNAVAILABLE, f"upstream connection failed: {e!r}") from e
+                with _mapped_errors():
+                    async with self._session.request(method, url, headers=headers, **kwargs) as resp:
+                        reply = Reply(resp.status, await resp.read())
+            except V3Unreachable as e:
+                if last or (e.sent and method != "GET"):  # a POST that may have arrived is not re-sent
+                    raise
+            else:
+                if method != "GET" or last or reply.status not in RETRY_STATUSES:
+                    return reply
             await asyncio.sleep(random.uniform(0, min(self._backoff * 2**attempt, MAX_BACKOFF)))
         raise AssertionError("unreachable")  # the last attempt always returns or raises

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import orjson
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -19,6 +20,7 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade", "host",
 })
 CHUNK = 64 * 1024
+log = structlog.get_logger("proxy")
 
 
 def _end_to_end(headers: CIMultiDict | dict) -> CIMultiDict:
@@ -53,12 +55,15 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
             await response.write_eof()
-    except TimeoutError:
-        response = _error(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time")
-    except aiohttp.ClientError as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         if response is not None and response.prepared:
             raise  # mid-stream: nothing sane left to send; the connection is closed
-        response = _error(502, "UPSTREAM_UNAVAILABLE", f"upstream unreachable: {e}")
+        # aiohttp's words name the upstream's address: for the log, not for the client
+        log.warning("v3 pass-through failed", method=request.method, path=request.path, detail=repr(e))
+        if isinstance(e, TimeoutError):
+            response = _error(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time")
+        else:
+            response = _error(502, "UPSTREAM_UNAVAILABLE", "the upstream could not be reached")
     finally:
         metrics.in_flight.dec()
         metrics.observe_upstream("passthrough", time.perf_counter() - started)

@@ -1,0 +1,53 @@
+"""One V2 call as its audit event tells it: a typed record, rendered as `v2.deprecated_call`.
+
+The edge fills in who called and how the call ended; handlers set what the call used and where it
+went, as attributes. `proxy.audit` reads these events back into the usage report, so the event's
+keys and values are a contract: rename nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# attributes that appear in the event only once something has set them
+_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "msg")
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    # the edge, when the call arrives
+    method: str
+    path: str
+    endpoint: str | None  # the route's name: upscale, progress, images; None for an unknown path
+    user_agent: str
+    started: float  # perf_counter seconds
+    fingerprint: str | None = None  # HMAC of the key, never the key; None when no key was sent
+    # handlers
+    fields: list[str] | None = None  # the V2 fields present in the body
+    features: dict[str, str] | None = None  # V2 feature V3 lacks -> the policy applied
+    warnings: list[str] | None = None
+    path_taken: str | None = None  # direct | composed; the edge: refused | brownout
+    task_id: str | None = None
+    v3_task_ids: list[str] | None = None  # a composed task's V3 jobs
+    upstream_status: int | None = None  # V3's HTTP status
+    # the edge, when the call ends
+    v2_code: int = 0
+    msg: str | None = None  # what the client was told, when the call failed
+
+    @property
+    def final_path(self) -> str:
+        """The path taken; a call that failed before choosing one was refused."""
+        return self.path_taken or ("refused" if self.v2_code else "direct")
+
+    def event(self, now: float) -> dict:
+        """The event's fields, `now` a perf_counter reading at the end of the call."""
+        doc = {
+            "method": self.method, "path": self.path, "endpoint": self.endpoint, "fingerprint": self.fingerprint,
+            "user_agent": self.user_agent, "path_taken": self.final_path, "v2_code": self.v2_code,
+            "latency_ms": round((now - self.started) * 1000, 2),
+        }
+        for name in _WHEN_SET:
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value
+        return doc
