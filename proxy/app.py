@@ -1,11 +1,13 @@
-"""create_app(settings) -> web.Application: wiring only (routes, middleware, long-lived resources)."""
+"""create_app(settings) -> web.Application: wiring only (routes, the ordered V2 edge units, one
+cleanup_ctx per long-lived resource)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -13,23 +15,54 @@ import yarl
 from aiohttp import web
 
 from proxy import __version__, logs, mappings, ops
+from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import ImageFetcher
-from proxy.compose.tasks import Composer, ComposerSettings
+from proxy.compose.tasks import ComposedTasks, TaskSettings
 from proxy.deprecation import Brownouts, Deprecation
-from proxy.emulator import EmulatorSettings, create_emulator_app
 from proxy.fingerprint import load_secret
+from proxy.keys import (
+    BROWNOUTS,
+    DEPRECATION,
+    EXECUTOR,
+    MAPPINGS,
+    METRICS,
+    PLANS,
+    READINESS,
+    RESULTS,
+    SECRET,
+    SESSION,
+    SETTINGS,
+    TASKS,
+    TRANSLATOR,
+    UPSTREAM_URL,
+    V3,
+    Readiness,
+)
 from proxy.metrics import Metrics
-from proxy.middleware import v2_edge
 from proxy.settings import Settings
-from proxy.keys import (BROWNOUTS, COMPOSER, DEPRECATION, MAPPINGS, METRICS, POLICIES, READINESS, SECRET,
-                         SESSION, SETTINGS, UPSTREAM_URL, V3, Readiness)
 from proxy.stores import FileResultStore, SqlitePlanStore
+from proxy.v2 import edge
 from proxy.v2 import handlers as v2
+from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
 from proxy.v3.passthrough import passthrough
 
+if TYPE_CHECKING:  # the emulator itself is imported only under --emulate-v3
+    from proxy.emulator import EmulatorSettings
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 MiB = 1024 * 1024
 log = structlog.get_logger("proxy")
+
+# The V2 edge, outermost first: each unit wraps the ones after it (proxy/v2/edge.py).
+V2_EDGE: tuple[edge.Unit, ...] = (
+    edge.audit_event,          # the call's audit record; one v2.deprecated_call event per answer
+    edge.count_call,           # metrics: in flight; calls by endpoint, path, code and client
+    edge.deprecation_headers,  # on every V2 response, error bodies included
+    edge.map_errors,           # V2Error, V3Error, HTTP errors, anything else -> a V2 body
+    edge.identify_caller,      # the key and its fingerprint, read once
+    edge.brownouts,            # may refuse the call before the handler runs
+)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -44,15 +77,55 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", ops.metrics)
 
 
-def embedded_emulator(settings: EmulatorSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+def periodic(what: str, every: float, step: Callable[[web.Application], Awaitable[None]], *,
+             last_run: bool = False) -> CleanupCtx:
+    """A cleanup_ctx running `step(app)` every `every` seconds while the app runs; at cleanup the
+    loop is cancelled and awaited, then (`last_run`) `step` runs once more. A failing step is
+    logged and the loop goes on."""
+
+    async def loop(app: web.Application) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await step(app)
+            except Exception:
+                log.exception("periodic job failed", job=what)
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        job = asyncio.create_task(loop(app), name=what)
+        yield
+        job.cancel()
+        await asyncio.wait([job])
+        if last_run:
+            await step(app)
+
+    return ctx
+
+
+async def _flush_logs(_app: web.Application) -> None:
+    logs.flush()  # lines are written unflushed: a syscall per request is measurable (proxy/logs.py)
+
+
+async def _sweep(app: web.Application) -> None:
+    if removed := await app[TASKS].sweep(time.time()):
+        log.info("swept expired tasks", count=removed)
+
+
+def embedded_emulator(settings: EmulatorSettings | None) -> CleanupCtx:
     """`serve --emulate-v3`: the V3 emulator on its own port in this process, used as the upstream."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        runner = web.AppRunner(create_emulator_app(settings), access_log=None)
+        from proxy.emulator import (  # only when asked for
+            EmulatorSettings,
+            create_emulator_app,
+        )
+
+        s = settings or EmulatorSettings()
+        runner = web.AppRunner(create_emulator_app(s), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        await web.TCPSite(runner, s.host, s.port).start()
         port = runner.addresses[0][1]
-        app[UPSTREAM_URL] = str(yarl.URL.build(scheme="http", host=settings.host, port=port))
+        app[UPSTREAM_URL] = str(yarl.URL.build(scheme="http", host=s.host, port=port))
         log.info("emulator listening", url=app[UPSTREAM_URL])
         yield
         await runner.cleanup()
@@ -60,8 +133,16 @@ def embedded_emulator(settings: EmulatorSettings) -> Callable[[web.Application],
     return ctx
 
 
+async def fingerprint_secret(app: web.Application) -> AsyncIterator[None]:
+    """The HMAC secret of key fingerprints: configured, or made once and kept in the data directory."""
+    s = app[SETTINGS]
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    app[SECRET] = load_secret(s.fingerprint_secret and s.fingerprint_secret.get_secret_value(), s.data_dir)
+    yield
+
+
 async def upstream_client(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession for the app's lifetime, with explicit timeouts."""
+    """One pooled ClientSession for the app's lifetime, with explicit timeouts, and the V3 client on it."""
     s = app[SETTINGS]
     timeout = aiohttp.ClientTimeout(total=s.upstream_timeout, connect=s.upstream_connect_timeout)
     connector = aiohttp.TCPConnector(limit=s.upstream_max_connections)
@@ -69,62 +150,70 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, headers={"User-Agent": f"upscale-v2-proxy/{__version__}"},
     ) as session:
         app[SESSION] = session
-        app[V3] = V3Client(session, app[UPSTREAM_URL], app[MAPPINGS].errors, retries=s.upstream_retries,
+        app[V3] = V3Client(session, app[UPSTREAM_URL], retries=s.upstream_retries,
                            backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream)
         yield
 
 
-async def composer(app: web.Application) -> AsyncIterator[None]:
-    """The composed path: stores under the data directory, a bounded thread pool, the sweeper."""
+async def stores(app: web.Application) -> AsyncIterator[None]:
+    """Composed tasks' state (SQLite) and bytes (files), under the data directory."""
     s = app[SETTINGS]
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    app[SECRET] = load_secret(s.fingerprint_secret and s.fingerprint_secret.get_secret_value(), s.data_dir)
-    plans = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
+    app[PLANS] = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
+    app[RESULTS] = FileResultStore(s.data_dir / "results")
+    yield
+    await app[PLANS].close()
+
+
+async def executor(app: web.Application) -> AsyncIterator[None]:
+    """A bounded thread pool for the image steps, off the event loop."""
+    with ThreadPoolExecutor(app[SETTINGS].compose_workers, thread_name_prefix="compose") as pool:
+        app[EXECUTOR] = pool
+        yield
+
+
+async def composed_tasks(app: web.Application) -> AsyncIterator[None]:
+    """The composed path, on the V3 client, the stores and the thread pool."""
+    s = app[SETTINGS]
     hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
     if not s.emulate_v3 and not s.image_hosts:
         log.warning("composed tasks can fetch V3 images from the upstream's host only; "
                     "set UPSCALE_PROXY_IMAGE_HOSTS to the host of V3's image URLs", allowed=sorted(hosts))
     fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout,
                            observe=app[METRICS].observe_upstream)
-    with ThreadPoolExecutor(s.compose_workers, thread_name_prefix="compose") as executor:
-        app[COMPOSER] = Composer(
-            app[V3], plans, FileResultStore(s.data_dir / "results"), fetcher, executor,
-            ComposerSettings(deadline=s.compose_deadline, lease=60.0, max_pending=s.compose_max_pending),
-            on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
-        )
-
-        async def sweep() -> None:
-            while True:
-                await asyncio.sleep(s.sweep_interval)
-                try:
-                    if removed := await app[COMPOSER].sweep(time.time()):
-                        log.info("swept expired tasks", count=removed)
-                except Exception:
-                    log.exception("sweep failed")
-
-        sweeper = asyncio.create_task(sweep())
-        yield
-        sweeper.cancel()
-        await plans.close()
+    app[TASKS] = ComposedTasks(
+        app[V3], app[PLANS], app[RESULTS], fetcher, app[EXECUTOR],
+        TaskSettings(deadline=s.compose_deadline, lease=60.0, max_pending=s.compose_max_pending),
+        app[MAPPINGS].task_status,
+        faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
+        if s.face_restorer_url else NO_FACES,
+        on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
+    )
+    yield
 
 
 def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
     """The proxy. With `settings.emulate_v3`, the emulator (`emulator` settings) is its upstream."""
     settings = settings or Settings()
-    app = web.Application(middlewares=[v2_edge], client_max_size=settings.max_body_mb * MiB)
+    app = web.Application(middlewares=[edge.v2_edge(V2_EDGE)], client_max_size=settings.max_body_mb * MiB)
     app[SETTINGS] = settings
     app[MAPPINGS] = mappings.load()
-    app[POLICIES] = settings.policies()
+    app[TRANSLATOR] = Translator.from_settings(app[MAPPINGS], settings)
     app[METRICS] = Metrics(settings.metrics_max_clients)
     app[DEPRECATION] = Deprecation(settings)
     app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
     app[READINESS] = Readiness()
     app[UPSTREAM_URL] = settings.upstream
-    app.cleanup_ctx.append(logs.flush_periodically)
+    # started in this order, cleaned up in reverse: the log flusher is the last to stop
+    app.cleanup_ctx.append(periodic("log flush", logs.FLUSH_EVERY, _flush_logs, last_run=True))
+    app.cleanup_ctx.append(fingerprint_secret)
     if settings.emulate_v3:
-        app.cleanup_ctx.append(embedded_emulator(emulator or EmulatorSettings()))
+        app.cleanup_ctx.append(embedded_emulator(emulator))
     app.cleanup_ctx.append(upstream_client)
-    app.cleanup_ctx.append(composer)
+    app.cleanup_ctx.append(stores)
+    app.cleanup_ctx.append(executor)
+    app.cleanup_ctx.append(composed_tasks)
+    app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))
     app.on_startup.append(_ready)  # after every cleanup_ctx has started
     app.on_shutdown.append(_draining)
     setup_routes(app)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from proxy.mappings import Mappings
+from proxy.translate.features import BY_NAME
 
 EVENT = "v2.deprecated_call"
 
@@ -52,15 +52,15 @@ def read_events(lines: Iterable[bytes | str]) -> Iterable[dict]:
             yield event
 
 
-def report(events: Iterable[dict], m: Mappings) -> list[dict]:
+def report(events: Iterable[dict]) -> list[dict]:
     clients: dict[str, Client] = {}
     for event in events:
         fp = event.get("fingerprint") or "anonymous"
         clients.setdefault(fp, Client(fp)).add(event)
     rows = []
     for c in sorted(clients.values(), key=lambda c: -c.calls):
-        uses = {name: {"calls": n, "v3": m.features[name].v3, "verdict": m.features[name].verdict}
-                for name, n in c.features.most_common() if name in m.features}
+        uses = {name: {"calls": n, "v3": BY_NAME[name].v3, "verdict": BY_NAME[name].verdict}
+                for name, n in c.features.most_common() if name in BY_NAME and BY_NAME[name].verdict != "same"}
         lacking = [name for name, u in uses.items() if u["verdict"] == "lacking"]
         changes = [name for name, u in uses.items() if u["verdict"] == "change"]
         if lacking:

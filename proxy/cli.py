@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from proxy import logs
-from proxy.emulator import EmulatorSettings, create_emulator_app
 from proxy.mappings import MappingsError
 from proxy.settings import Settings
 
@@ -50,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="per-client report of V2 usage, from the proxy's JSON log")
     audit.add_argument("file", nargs="?", default="-", help="a log file, or - for standard input (default)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("guide", help="print the V2 -> V3 migration guide (Markdown)")
+    gd = sub.add_parser("guide", help="print the V2 -> V3 migration guide (Markdown)")
+    gd.add_argument("--features", action="store_true",
+                    help="print only the table of V2 features V3 lacks, as the README shows it")
     return p
 
 
@@ -76,10 +77,10 @@ def _offline(command: str, args: dict) -> None:
 
     tables = mappings.load()
     if command == "guide":
-        sys.stdout.write(guide.guide(tables))
+        sys.stdout.write(guide.feature_table() if args["features"] else guide.guide(tables))
     elif command == "audit":
         with _open(args["file"]) as source:
-            rows = audit.report(audit.read_events(source), tables)
+            rows = audit.report(audit.read_events(source))
         if args["json"]:
             _print_json(rows)
         else:
@@ -92,16 +93,15 @@ def _offline(command: str, args: dict) -> None:
 def _translate(body: bytes, tables) -> None:
     """The translate preview, as POST /_proxy/translate answers it, with this environment's policies."""
     from proxy.errors import V2Error
-    from proxy.translate.preview import preview
-    from proxy.v2.body import split_image
-    from proxy.v2.handlers import plan_body
+    from proxy.v2.translation import Translator
 
+    translator = Translator.from_settings(tables, _settings(Settings, {}))
     try:
-        _, image, _, plan = plan_body(*split_image(body), tables, _settings(Settings, {}).policies())
+        doc = translator.preview(body)
     except V2Error as e:
         print(f"upscale-v2-proxy: the proxy would answer code {int(e.code)}: {e.msg}", file=sys.stderr)
         raise SystemExit(1) from None
-    _print_json(preview(plan, image))
+    _print_json(doc)
 
 
 def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     log = structlog.get_logger("proxy")
 
     if command == "emulator":
+        from proxy.emulator import EmulatorSettings, create_emulator_app
+
         emulator = _settings(EmulatorSettings, args)
         logs.configure(log_opts["log_format"] or "auto", log_opts["log_level"] or "info")
         app = create_emulator_app(emulator)
@@ -148,8 +150,13 @@ def main(argv: list[str] | None = None) -> None:
             "emulator listening", url=f"http://{emulator.host}:{emulator.port}"))
         return
 
-    emulator = _settings(EmulatorSettings, {"port": args.pop("emulator_port")})
+    emulator_port = args.pop("emulator_port")
     settings = _settings(Settings, {**args, **log_opts})
+    emulator = None
+    if settings.emulate_v3:  # the emulator's code is loaded only when it runs
+        from proxy.emulator import EmulatorSettings
+
+        emulator = _settings(EmulatorSettings, {"port": emulator_port})
     logs.configure(settings.log_format, settings.log_level)
     from proxy.app import create_app
 

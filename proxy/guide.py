@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from proxy.mappings import Mappings
+from proxy.translate.features import REGISTRY
 
 FATES = {
     "direct": "same thing in V3, under another name",
@@ -40,12 +41,25 @@ def guide(m: Mappings) -> str:
         target = f"`{u.v3_model}`" if u.v3_model else f"none: {u.note}"
         out.append(f"| `{name}` | {target} | {'yes' if u.exact else 'no: ' + u.note} |")
     out += ["", f"A null `upscaler_1` meant `{m.upscalers.default}`.", "",
-            "## What V3 lacks, and what to do instead", "", "| V2 feature | field | in V3 |", "|---|---|---|"]
-    for name, feature in m.features.items():
-        out.append(f"| {name.replace('_', ' ')} | `{feature.field}` | {feature.v3} |")
+            "## What V3 lacks, and what to do instead", ""]
+    for unit in REGISTRY:
+        fields = ", ".join(f"`{name}`" for name in unit.fields)
+        out += [f"### {type(unit).__name__} ({fields})", "", unit.summary(), "", f"In V3: {unit.v3}.", ""]
     by_code: dict[int, list[str]] = defaultdict(list)
     for reason, code in m.errors.reasons.items():
         by_code[int(code)].append(f"`{reason}`")
     out += ["", "## V2 codes and the V3 errors behind them", "", "| V2 `code` | V3 `reason` |", "|---|---|"]
     out += [f"| {code} | {', '.join(reasons)} |" for code, reasons in sorted(by_code.items())]
+    return "\n".join(out) + "\n"
+
+
+def feature_table() -> str:
+    """The README's table of V2 features V3 lacks (between its `features` markers), from the registry."""
+    out = ["| V2 feature (unit) | field(s) | what V2 did | policy setting (default) | emulate | approximate | strict |",
+           "|---|---|---|---|---|---|---|"]
+    for unit in REGISTRY:
+        fields = ", ".join(f"`{name}`" for name in unit.fields)
+        setting = f"`UPSCALE_PROXY_POLICY_{unit.name.upper()}` (`{unit.default}`)"
+        effects = [unit.effects.get(policy, "not offered") for policy in ("emulate", "approximate", "strict")]
+        out.append(f"| `{type(unit).__name__}` | {fields} | {unit.summary()} | {setting} | {' | '.join(effects)} |")
     return "\n".join(out) + "\n"

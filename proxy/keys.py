@@ -1,13 +1,18 @@
 """Typed keys for what the app and each request carry (aiohttp AppKey and RequestKey)."""
 
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
 from aiohttp import ClientSession, web
 
-from proxy.compose.tasks import Composer
+from proxy.compose.tasks import ComposedTasks
 from proxy.deprecation import Brownouts, Deprecation
 from proxy.mappings import Mappings
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.translate.plan import Policies
+from proxy.stores import PlanStore, ResultStore
+from proxy.v2.audit_record import AuditRecord
+from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
 
 
@@ -17,19 +22,31 @@ class Readiness:
     state = "starting"
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a V2 call, read once by the edge: the key (only ever forwarded upstream, never
+    logged or stored) and its fingerprint (what is logged and stored instead). None: no key sent."""
+
+    key: str | None
+    fingerprint: str | None
+
+
 SETTINGS = web.AppKey("settings", Settings)
 MAPPINGS = web.AppKey("mappings", Mappings)
-POLICIES = web.AppKey("policies", Policies)
+TRANSLATOR = web.AppKey("translator", Translator)
 UPSTREAM_URL = web.AppKey("upstream_url", str)
 SESSION = web.AppKey("session", ClientSession)
 V3 = web.AppKey("v3", V3Client)
-COMPOSER = web.AppKey("composer", Composer)
 SECRET = web.AppKey("fingerprint_secret", bytes)
+PLANS = web.AppKey("plans", PlanStore)
+RESULTS = web.AppKey("results", ResultStore)
+EXECUTOR = web.AppKey("executor", Executor)
+TASKS = web.AppKey("tasks", ComposedTasks)
 DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 
-# per request: what the handler adds to the request's audit event, and the caller's fingerprint
-LOG_FIELDS = web.RequestKey("log_fields", dict)
-FINGERPRINT = web.RequestKey("fingerprint", str)
+# per V2 request, set by the edge: the caller, and the audit record handlers add to
+CALLER = web.RequestKey("caller", Caller)
+AUDIT = web.RequestKey("audit", AuditRecord)

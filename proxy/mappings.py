@@ -71,20 +71,11 @@ class Field(_Strict):
     after: str
 
 
-class Feature(_Strict):
-    """One V2 feature V3 lacks or changes (a policy of the proxy), for the usage report."""
-
-    field: str
-    verdict: Literal["change", "lacking"]
-    v3: str
-
-
 class Mappings(_Strict):
     upscalers: UpscalerTable
     errors: ErrorTable
     task_status: dict[str, Literal[0, 1, 2, 3, 4]]
     fields: dict[Literal["upscale", "progress", "errors"], dict[str, Field]]
-    features: dict[str, Feature]
 
 
 class MappingsError(Exception):
@@ -109,7 +100,7 @@ def _read(folder: Path, name: str) -> dict:
 @cache
 def load(folder: Path | None = None) -> Mappings:
     folder = folder or default_dir()
-    raw = {name: _read(folder, name) for name in ("upscalers", "errors", "task_status", "fields", "features")}
+    raw = {name: _read(folder, name) for name in ("upscalers", "errors", "task_status", "fields")}
     try:
         return Mappings.model_validate(raw)
     except ValidationError as e:

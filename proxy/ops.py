@@ -8,10 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
-from proxy.keys import MAPPINGS, METRICS, POLICIES, READINESS
-from proxy.translate.preview import preview
-from proxy.v2.body import split_image
-from proxy.v2.handlers import plan_body
+from proxy.keys import MAPPINGS, METRICS, READINESS, TRANSLATOR
 from proxy.v2.reply import v2_reply
 
 
@@ -41,8 +38,6 @@ async def guide(request: web.Request) -> web.Response:
 async def translate(request: web.Request) -> web.Response:
     """POST a V2 upscale body: the V3 request(s) it becomes, with no upstream call."""
     try:
-        _, image, _, plan = plan_body(*split_image(await request.read()), request.app[MAPPINGS],
-                                      request.app[POLICIES])
+        return v2_reply(data=request.app[TRANSLATOR].preview(await request.read()))
     except V2Error as e:
         return v2_reply(e.code, e.msg)
-    return v2_reply(data=preview(plan, image))

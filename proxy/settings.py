@@ -7,14 +7,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, Field, HttpUrl, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.envtypes import CommaList
-from proxy.translate.plan import Policies, Policy
-
-# features that can't be emulated (no local model): under `emulate` they are approximated
-_NOT_EMULABLE = frozenset({"model", "face"})
+from proxy.translate.features import REGISTRY, Policy
+from proxy.translate.profiles import DEFAULT_PROFILE, PROFILES, ProfileName
 
 DEFAULT_UPSTREAM = "https://api.novita.ai"
 
@@ -34,7 +32,14 @@ class Brownout(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
+# one UPSCALE_PROXY_POLICY_<NAME> per feature unit, generated from the registry
+_PolicySettings = create_model(
+    "_PolicySettings", __base__=BaseSettings,
+    **{f"policy_{unit.name}": (Policy | None, Field(None, description=unit.summary())) for unit in REGISTRY},
+)
+
+
+class Settings(_PolicySettings):
     model_config = SettingsConfigDict(env_prefix="UPSCALE_PROXY_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="address the proxy listens on")
@@ -99,25 +104,40 @@ class Settings(BaseSettings):
         100, ge=0, le=10000, description="key fingerprints with their own metrics series; the rest are 'other'"
     )
 
-    # what to do with each V2 feature V3 lacks
-    policy: Policy = Field("emulate", description="default for every feature below")
-    policy_scale_to: Policy | None = None
-    policy_crop: Policy | None = None
-    policy_factor: Policy | None = None
-    policy_upscaler_2: Policy | None = None
-    policy_local_upscaler: Policy | None = None
-    policy_model: Policy | None = None
-    policy_alpha: Policy | None = None
-    policy_img_expire_ttl: Policy | None = None
-    policy_face: Policy | None = None
+    # exactly which V2: the A1111 release line, and what to do with each feature V3 lacks
+    a1111_profile: ProfileName = Field(
+        DEFAULT_PROFILE, description="the AUTOMATIC1111 release line whose extras V2 reproduces"
+    )
+    policy: Policy | None = Field(
+        None, description="policy of every feature that allows it and has no policy of its own (unset: each "
+        "feature's default)"
+    )
+    face_restorer_url: str | None = Field(
+        None, description="base URL of an A1111-compatible server for GFPGAN/CodeFormer (e.g. http://gpu:7860)"
+    )
+    face_restorer_timeout: float = Field(120.0, gt=0, le=3600, description="seconds for one face restoration")
 
-    def policies(self) -> Policies:
-        """Each feature's policy: its own setting, else the default `policy`."""
+    def policies(self) -> dict[str, Policy]:
+        """Each feature's policy: its own setting, else `policy` where the feature allows it, else its
+        default."""
         chosen = {}
-        for feature in Policies.__dataclass_fields__:
-            value = getattr(self, f"policy_{feature}") or self.policy
-            chosen[feature] = "approximate" if value == "emulate" and feature in _NOT_EMULABLE else value
-        return Policies(**chosen)
+        for unit in REGISTRY:
+            own = getattr(self, f"policy_{unit.name}")
+            chosen[unit.name] = own or (self.policy if self.policy in unit.allowed else unit.default)
+        return chosen
+
+    @property
+    def profile(self):
+        return PROFILES[self.a1111_profile]
+
+    @model_validator(mode="after")
+    def _allowed_policies(self) -> "Settings":
+        for unit in REGISTRY:
+            own = getattr(self, f"policy_{unit.name}")
+            if own and own not in unit.allowed:
+                raise ValueError(f"UPSCALE_PROXY_POLICY_{unit.name.upper()}={own} is not one of "
+                                 f"{', '.join(unit.allowed)} (the policies {type(unit).__name__} allows)")
+        return self
 
     @model_validator(mode="after")
     def _sunset_after_deprecation(self) -> "Settings":
@@ -128,7 +148,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("public_url")
+    @field_validator("public_url", "face_restorer_url")
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
         return None if value is None else str(HttpUrl(value)).rstrip("/")

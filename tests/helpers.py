@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from tests.images import decode
 
 # a copy of ../shared/contracts, so that the suite runs from this repository alone
 CONTRACTS = Path(__file__).parent / "contracts"
@@ -37,6 +41,17 @@ async def poll_until_done(client: TestClient, task_id: str, **kw) -> dict:
             return doc["data"]
         await asyncio.sleep(0.02)
     raise AssertionError("task never finished")
+
+
+async def run_v2(client: TestClient, data: bytes, body: dict) -> tuple[dict, Image.Image]:
+    """Upscale `data` with the V2 fields of `body`, poll until done, download: (the reply, the image)."""
+    reply = await upscale(client, {**body, "image": base64.b64encode(data).decode()})
+    assert reply["code"] == 0, reply
+    result = await poll_until_done(client, reply["data"]["task_id"])
+    assert result["status"] == 2, result
+    async with client.session.get(result["imgs"][0]) as resp:
+        assert resp.status == 200 and resp.content_type == "image/png"
+        return reply, decode(await resp.read())
 
 
 def closed_port_url() -> str:

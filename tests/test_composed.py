@@ -1,11 +1,11 @@
-"""The composed path, pixel for pixel: every V2 feature against an independent reading of spec
-section 7, computed here with Pillow from the emulator's own output for each native 4x pass."""
+"""The composed path's mechanics: progress, failures, deadlines, key binding, concurrency, expiry,
+restarts, image fetching limits, face restoration on an A1111 server. What the composed pixels
+are, release line by release line, is tests/test_a1111_profiles.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 
 import aiohttp
@@ -14,152 +14,23 @@ from PIL import Image
 
 from proxy.app import create_app
 from proxy.compose.fetch import FetchError, ImageFetcher
-from proxy.compose.images import ImageTooLarge, decode_rgb
 from proxy.compose.tasks import is_composed_id
 from proxy.emulator import EMULATOR
 from proxy.settings import Settings
-from tests.helpers import AUTH, CONTRACTS, poll_until_done, upscale, v2_call
-from tests.images import decode, encode, pattern
-
-MODELS = {"R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B", "R-ESRGAN 4x+": "RealESRNet_x4plus",
-          "4x-UltraSharp": "4x-UltraSharp", "LDSR": "RealESRNet_x4plus"}
-FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-
-
-class V2Reference:
-    """What AUTOMATIC1111's extras produced (spec section 7), with each AI pass done by a real V3
-    job on the emulator at scale_factor 4, the models' native factor."""
-
-    def __init__(self, emulator_url: str) -> None:
-        self.url = emulator_url
-
-    async def native_pass(self, model: str, image: Image.Image) -> Image.Image:
-        body = {"request": {"model_name": model, "scale_factor": 4,
-                            "image_base64": base64.b64encode(encode(image, "PNG")).decode()}}
-        async with aiohttp.ClientSession(base_url=self.url, headers=AUTH) as http:
-            async with http.post("/v3/async/upscale", json=body) as resp:
-                task_id = (await resp.json())["task_id"]
-            while True:
-                async with http.get("/v3/async/task-result", params={"task_id": task_id}) as resp:
-                    result = await resp.json()
-                if result["task"]["status"] == "TASK_STATUS_SUCCEED":
-                    break
-                await asyncio.sleep(0.01)
-            async with http.get(result["images"][0]["image_url"]) as resp:
-                return decode(await resp.read()).convert("RGB")
-
-    async def upscale_one(self, src: Image.Image, name: str, factor: float,
-                          crop: tuple[int, int] | None) -> Image.Image:
-        target = (int(src.width * factor), int(src.height * factor))
-        image = src
-        if name in FILTERS:
-            if target != src.size:
-                image = src.resize(target, FILTERS[name] if factor > 1 else Image.Resampling.LANCZOS)
-        else:
-            for _ in range(3):
-                if image.width >= target[0] and image.height >= target[1]:
-                    break
-                image = await self.native_pass(MODELS[name], image)
-            if image.size != target:
-                image = image.resize(target, Image.Resampling.LANCZOS)
-        if crop:
-            canvas = Image.new("RGB", crop)
-            canvas.paste(image, (crop[0] // 2 - image.width // 2, crop[1] // 2 - image.height // 2))
-            image = canvas
-        return image
-
-    async def __call__(self, data: bytes, body: dict) -> Image.Image:
-        src = Image.open(io.BytesIO(data)).convert("RGB")
-        if body.get("upscaler_1") == "None":
-            return src
-        if body.get("resize_mode") == 1:
-            w, h = body["upscaling_resize_w"], body["upscaling_resize_h"]
-            factor = max(w / src.width, h / src.height)
-            crop = (w, h) if body.get("upscaling_crop") else None
-        else:
-            factor, crop = body.get("upscaling_resize", 2), None
-        out = await self.upscale_one(src, body.get("upscaler_1", "R-ESRGAN 4x+"), factor, crop)
-        visibility = body.get("extras_upscaler_2_visibility") or 0
-        if body.get("upscaler_2") and body["upscaler_2"] != "None" and visibility > 0:
-            second = await self.upscale_one(src, body["upscaler_2"], factor, crop)
-            out = Image.blend(out, second, visibility)
-        return out
-
-
-@pytest.fixture
-def reference(emulator) -> V2Reference:
-    return V2Reference(str(emulator[0].make_url("")))
-
-
-async def run_v2(client, data: bytes, body: dict) -> tuple[dict, Image.Image]:
-    reply = await upscale(client, {**body, "image": base64.b64encode(data).decode()})
-    assert reply["code"] == 0, reply
-    result = await poll_until_done(client, reply["data"]["task_id"])
-    assert result["status"] == 2, result
-    async with client.session.get(result["imgs"][0]) as resp:
-        assert resp.status == 200 and resp.content_type == "image/png"
-        image = decode(await resp.read())
-    return reply, image
-
-
-def assert_same_pixels(actual: Image.Image, expected: Image.Image) -> None:
-    assert actual.mode == "RGB" and actual.size == expected.size
-    assert actual.tobytes() == expected.tobytes()
-
-
-CASES = {
-    "scale to with crop": ((64, 48), {"resize_mode": 1, "upscaling_resize_w": 200, "upscaling_resize_h": 200,
-                                      "upscaling_crop": True, "upscaler_1": "R-ESRGAN 4x+ Anime6B"}),
-    "scale to without crop": ((64, 48), {"resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 100,
-                                         "upscaling_crop": False, "upscaler_1": "4x-UltraSharp"}),
-    "crop wider than the scaled image": ((3, 7), {"resize_mode": 1, "upscaling_resize_w": 10,
-                                                  "upscaling_resize_h": 5, "upscaling_crop": True,
-                                                  "upscaler_1": "R-ESRGAN 4x+"}),
-    "factor 6: two native passes": ((17, 11), {"upscaling_resize": 6, "upscaler_1": "R-ESRGAN 4x+ Anime6B"}),
-    "factor 20: three passes": ((5, 3), {"upscaling_resize": 20, "upscaler_1": "4x-UltraSharp"}),
-    "factor exactly 1": ((33, 21), {"upscaling_resize": 1, "upscaler_1": "R-ESRGAN 4x+"}),
-    "factor 0.5": ((33, 21), {"upscaling_resize": 0.5, "upscaler_1": "R-ESRGAN 4x+"}),
-    "blend of two upscalers": ((40, 30), {"upscaling_resize": 2.5, "upscaler_1": "R-ESRGAN 4x+ Anime6B",
-                                          "upscaler_2": "4x-UltraSharp", "extras_upscaler_2_visibility": 0.35}),
-    "blend with a local upscaler": ((40, 30), {"upscaling_resize": 3, "upscaler_1": "Lanczos",
-                                               "upscaler_2": "R-ESRGAN 4x+", "extras_upscaler_2_visibility": 0.5}),
-    "blend at visibility 1": ((21, 13), {"upscaling_resize": 2, "upscaler_1": "Nearest",
-                                         "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 1}),
-    "lanczos": ((31, 17), {"upscaling_resize": 3.3, "upscaler_1": "Lanczos"}),
-    "nearest": ((31, 17), {"upscaling_resize": 2, "upscaler_1": "Nearest"}),
-    "nearest shrinking is lanczos": ((31, 17), {"upscaling_resize": 0.6, "upscaler_1": "Nearest"}),
-    "none": ((31, 17), {"upscaling_resize": 3, "upscaler_1": "None", "resize_mode": 0}),
-    "none ignores crop and blend": ((31, 17), {"resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64,
-                                               "upscaling_crop": True, "upscaler_1": "None",
-                                               "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5}),
-    "scale-to factor exactly 4": ((50, 25), {"resize_mode": 1, "upscaling_resize_w": 200, "upscaling_resize_h": 60,
-                                             "upscaling_crop": True, "upscaler_1": "4x-UltraSharp"}),
-    "extreme aspect ratio": ((400, 2), {"resize_mode": 1, "upscaling_resize_w": 2000, "upscaling_resize_h": 40,
-                                        "upscaling_crop": True, "upscaler_1": "Lanczos"}),
-    "everything at once": ((64, 48), {"resize_mode": 1, "upscaling_resize_w": 512, "upscaling_resize_h": 300,
-                                      "upscaling_crop": True, "upscaler_1": "R-ESRGAN 4x+",
-                                      "upscaler_2": "R-ESRGAN 4x+ Anime6B", "extras_upscaler_2_visibility": 0.5,
-                                      "gfpgan_visibility": 0.7}),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-async def test__composed_feature__matches_v2_pixel_for_pixel(proxy, reference, case):
-    size, body = CASES[case]
-    data = encode(pattern(*size), "PNG")
-    reply, image = await run_v2(proxy, data, body)
-    assert is_composed_id(reply["data"]["task_id"])
-    assert_same_pixels(image, await reference(data, body))
-
-
-@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "RGBA"), ("PNG", "P"), ("JPEG", "RGB"), ("WEBP", "RGB"),
-                                           ("WEBP", "RGBA")])
-async def test__input_formats_and_alpha__compose_as_v2_did(proxy, reference, fmt, mode):
-    data = encode(pattern(23, 19, mode), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    body = {"resize_mode": 1, "upscaling_resize_w": 50, "upscaling_resize_h": 40, "upscaling_crop": True,
-            "upscaler_1": "R-ESRGAN 4x+ Anime6B"}
-    _, image = await run_v2(proxy, data, body)
-    assert_same_pixels(image, await reference(data, body))
+from proxy.translate.steps import ImageTooLarge, decode
+from tests.a1111 import A1111, native_pass_on
+from tests.fake_a1111 import REQUESTS, create_fake_a1111, expected
+from tests.helpers import (
+    AUTH,
+    CONTRACTS,
+    closed_port_url,
+    poll_until_done,
+    run_v2,
+    upscale,
+    v2_call,
+)
+from tests.images import decode as decode_png
+from tests.images import encode, pattern
 
 
 async def test__alpha_input_on_the_direct_path__reaches_v3_without_alpha(proxy, emulator):
@@ -265,12 +136,41 @@ async def test__unknown_composed_image__is_a_404_v2_body(proxy):
         assert (await resp.json())["code"] == 3
 
 
-async def test__full_contract_body__matches_v2_pixel_for_pixel(proxy, reference):
+async def test__full_contract_body__matches_a1111_pixel_for_pixel(emulator, start_proxy):
     body = json.loads((CONTRACTS / "v2-upscale-request-full.json").read_text())
     data = encode(pattern(300, 260), "PNG")
-    reply, image = await run_v2(proxy, data, body)
-    assert "gfpgan_visibility ignored" in reply["data"]["warn"]
-    assert_same_pixels(image, await reference(data, body))
+    url = str(emulator[0].make_url(""))
+    client = await start_proxy(url, policy_native_scale="emulate")
+    reply, image = await run_v2(client, data, body)
+    assert "gfpgan_visibility ignored" in reply["data"]["warn"]  # no face restorer configured
+    want = await A1111("v1.3", native_pass_on(url)).upscale_script(decode_png(data).convert("RGB"), body)
+    assert image.tobytes() == want.tobytes()
+
+
+@pytest.fixture
+async def face_server(aiohttp_server):
+    return await aiohttp_server(create_fake_a1111())
+
+
+async def test__face_restoration__runs_on_the_a1111_server_after_the_upscale(emulator, start_proxy, face_server):
+    client = await start_proxy(str(emulator[0].make_url("")), face_restorer_url=str(face_server.make_url("")))
+    body = {"upscaler_1": "Lanczos", "upscaling_resize": 2, "gfpgan_visibility": 0.5,
+            "codeformer_visibility": 0.25, "codeformer_weight": 0.7}
+    reply, image = await run_v2(client, encode(pattern(10, 8)), body)
+    assert reply["data"]["warn"] == ""
+    upscaled = pattern(10, 8).resize((20, 16), Image.Resampling.LANCZOS)
+    assert image.tobytes() == expected(upscaled, 0.5, 0.25, 0.7).tobytes()
+    [sent] = face_server.app[REQUESTS]
+    assert (sent["upscaler_1"], sent["gfpgan_visibility"], sent["codeformer_visibility"]) == ("None", 0.5, 0.25)
+
+
+async def test__face_restorer_down__fails_the_task_with_a_clear_reason(emulator, start_proxy):
+    client = await start_proxy(str(emulator[0].make_url("")), face_restorer_url=closed_port_url())
+    reply = await upscale(client, {"image": base64.b64encode(encode(pattern(10, 8))).decode(),
+                                   "upscaler_1": "Lanczos", "gfpgan_visibility": 1})
+    data = await poll_until_done(client, reply["data"]["task_id"])
+    assert data["status"] == 3 and "face restorer is unreachable" in data["failed_reason"]
+    assert "127.0.0.1" not in data["failed_reason"]
 
 
 async def test__image_from_a_host_not_allowed__fails_the_task_naming_it(start_emulator, start_proxy):
@@ -313,4 +213,4 @@ def test__decoding__refuses_a_decompression_bomb_before_reading_pixels():
     bomb = encode(Image.new("1", (9000, 8000)), "PNG")  # 72 M pixels in a few kilobytes
     assert len(bomb) < 100_000
     with pytest.raises(ImageTooLarge):
-        decode_rgb(bomb)
+        decode(bomb)

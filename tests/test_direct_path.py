@@ -116,3 +116,18 @@ async def test__every_request__is_one_log_line_with_code_status_and_latency(prox
     assert lines[0]["method"] == "POST" and lines[0]["path"] == "/v2/upscale"
     assert all({"v2_code", "upstream_status", "latency_ms"} <= set(line) for line in lines)
     assert {line["path"] for line in lines[1:]} == {"/v2/progress"}
+
+
+@pytest.mark.parametrize("body", [
+    # one SDK's own example: scale-by, with the scale-to fields zeroed
+    {"resize_mode": 0, "upscaling_resize": 2, "upscaling_resize_w": 0, "upscaling_resize_h": 0,
+     "upscaler_1": "4x-UltraSharp"},
+    # another's: scale-to, with a scale-by factor and an empty second upscaler filled in
+    {"resize_mode": 1, "upscaling_resize_w": 128, "upscaling_resize_h": 96, "upscaling_resize": 4,
+     "upscaler_1": "4x-UltraSharp", "upscaler_2": "", "extras_upscaler_2_visibility": 0},
+])
+async def test__fields_the_mode_does_not_use__are_ignored_as_v2_did(proxy, body):
+    reply = await upscale(proxy, {"image": b64(64, 48), **body})
+    assert reply["code"] == 0, reply
+    data = await poll_until_done(proxy, reply["data"]["task_id"])
+    assert decode(await download(proxy, data["imgs"][0])).size == (128, 96)

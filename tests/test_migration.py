@@ -3,6 +3,7 @@ brownouts, the translate preview, V3 pass-through, metrics and health."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -19,7 +20,7 @@ from aiohttp import web
 from proxy import audit, mappings
 from proxy.guide import guide
 from proxy.v2.models import V2_FIELDS
-from tests.helpers import AUTH, KEY, poll_until_done, upscale, v2_call
+from tests.helpers import AUTH, KEY, upscale, v2_call
 from tests.images import b64
 
 SECRET = "audit-secret"
@@ -80,7 +81,14 @@ async def test__v3_and_operations_responses__carry_no_deprecation(migrating):
 async def test__each_v2_call__is_one_audit_event_with_the_fingerprint_never_the_key(migrating, log_lines):
     body = {**BODY, "upscaler_1": "R-ESRGAN 4x+", "gfpgan_visibility": 0.3, "upscaler_2": None}
     reply = await upscale(migrating, body, headers={**AUTH, "User-Agent": "legacy-sdk/1.2"})
-    await poll_until_done(migrating, reply["data"]["task_id"])
+    task_id, polls = reply["data"]["task_id"], 0
+    while True:  # poll until done, counting the polls: each is one more audit event
+        polls += 1
+        poll = await v2_call(migrating, "GET", f"/v2/progress?task_id={task_id}")
+        if poll["data"]["status"] in (2, 3, 4) or polls == 200:
+            break
+        await asyncio.sleep(0.02)
+    assert poll["data"]["status"] == 2
     events = log_lines.requests()
     submit = events[0]
     assert submit["event"] == "v2.deprecated_call"
@@ -88,10 +96,11 @@ async def test__each_v2_call__is_one_audit_event_with_the_fingerprint_never_the_
     assert submit["user_agent"] == "legacy-sdk/1.2" and submit["endpoint"] == "upscale"
     assert submit["fields"] == ["image", "upscaler_1", "upscaling_resize", "gfpgan_visibility"]
     assert submit["path_taken"] == "direct" and submit["v2_code"] == 0 and submit["upstream_status"] == 200
-    assert submit["features"] == {"face": "skip", "model": "approximate"}
+    assert submit["features"] == {"face": "skip", "model": "approximate", "native_scale": "approximate"}
     assert len(submit["warnings"]) == 2 and submit["latency_ms"] > 0
-    assert {e["endpoint"] for e in events[1:]} == {"progress"}
-    assert len(events) == 1 + len(events[1:])
+    assert len(events) == 1 + polls  # one per call: the submit, then each poll
+    assert [e["endpoint"] for e in events[1:]] == ["progress"] * polls
+    assert all(e["task_id"] == task_id and e["fingerprint"] == fp(KEY) for e in events[1:])
 
 
 async def test__refused_and_composed_calls__say_their_path(migrating, log_lines):
@@ -114,11 +123,14 @@ async def test__usage_report__tells_each_client_what_to_change(migrating, log_li
     await v2_call(migrating, "GET", "/v2/progress?task_id=abc", headers={})  # anonymous
     log = tmp_path / "proxy.log"
     log.write_text(log_lines.text + "not json\n")
-    rows = {r["fingerprint"]: r for r in audit.report(audit.read_events(log.read_bytes().splitlines()),
-                                                       mappings.load())}
+    events = list(audit.read_events(log.read_bytes().splitlines()))
+    assert len(events) == 6
+    assert all(e["features"]["native_scale"] == "approximate" for e in events if e["endpoint"] == "upscale")
+    rows = {r["fingerprint"]: r for r in audit.report(events)}
     assert set(rows) == {fp(KEY), fp("sk-other-client"), "anonymous"}
     sdk, script = rows[fp(KEY)], rows[fp("sk-other-client")]
     assert sdk["calls"] == 3 and sdk["user_agents"] == {"sdk/2": 3} and sdk["verdict"] == "can switch to V3 as is"
+    assert sdk["features"] == {}  # native_scale: V3 does it its own way, nothing to change
     assert script["calls"] == 2 and set(script["features"]) == {"scale_to", "crop", "img_expire_ttl", "model"}
     assert script["verdict"].startswith("depends on features V3 lacks: ") and "crop" in script["verdict"]
     assert "no crop" in script["features"]["crop"]["v3"]
@@ -198,7 +210,8 @@ async def test__translate_preview__shows_the_v3_requests_without_calling_upstrea
     assert request["model_name"] == "RealESRGAN_x4plus_anime_6B" and request["scale_factor"] == 4
     assert request["image_base64"].startswith("<base64 of the input: PNG 64x48")
     assert any("centred on a black 300x200" in step for step in preview["local_steps"])
-    assert preview["policies"] == {"scale_to": "emulate", "crop": "emulate", "upscaler_2": "emulate", "factor": "emulate"}
+    assert preview["policies"] == {"scale_to": "emulate", "crop": "emulate", "upscaler_2": "emulate",
+                                   "local_upscaler": "emulate", "factor": "emulate"}
     assert sum(emulator[1].requests.values()) == 0
     assert (await v2_call(migrating, "POST", "/_proxy/translate", json={**body, "upscaler_1": "nope"}))["code"] == 2
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import pybase64
 import structlog
 
-from proxy.compose.faces import NO_FACES, FaceRestorer
+from proxy.compose.faces import NO_FACES, FaceRestorationError, FaceRestorer
 from proxy.compose.fetch import FetchError, ImageFetcher
-from proxy.compose.images import ImageTooLarge, compose, rgb_png
-from proxy.errors import V2Code, V2Error
+from proxy.compose.images import ImageTooLarge, compose, v3_input_png
+from proxy.errors import V2Code, V2Error, V2Status
 from proxy.stores import PlanStore, ResultStore, StoredTask
-from proxy.translate.plan import V3_NATIVE, Plan
+from proxy.translate.plan import Plan
+from proxy.translate.steps import ReadInput
 from proxy.translate.progress import v2_progress
 from proxy.v3.client import V3Client
 from proxy.v3.models import TaskResult
@@ -50,17 +51,18 @@ def is_composed_id(task_id: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ComposerSettings:
+class TaskSettings:
     deadline: float  # seconds from submission until a task times out (V2 status 4)
     lease: float  # seconds a poll may hold a task while it works on it
     max_pending: int  # compositions queued or running at once in this process
 
 
-class Composer:
+class ComposedTasks:
     def __init__(self, v3: V3Client, plans: PlanStore, results: ResultStore, fetcher: ImageFetcher,
-                 executor: Executor, settings: ComposerSettings, faces: FaceRestorer = NO_FACES,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 executor: Executor, settings: TaskSettings, status_table: dict[str, int],
+                 faces: FaceRestorer = NO_FACES, on_state: Callable[[str], None] | None = None) -> None:
         self._v3, self._plans, self._results, self._fetcher = v3, plans, results, fetcher
+        self._status = status_table  # V3 task status -> V2 status (mappings/task_status.toml)
         self._on_state = on_state or (lambda state: None)
         self.faces = faces
         self._executor = executor
@@ -71,27 +73,27 @@ class Composer:
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def rgb_base64(self, image_b64: memoryview | bytes) -> bytes:
-        """The input converted to RGB as V2 did (alpha dropped), re-encoded for V3."""
-        return pybase64.b64encode(await self._local(rgb_png, pybase64.b64decode(image_b64)))
+    async def v3_input(self, image_b64: memoryview | bytes, read: ReadInput) -> bytes:
+        """The input as a model gets it (RGB pixels only, as the release read it), for V3."""
+        return pybase64.b64encode(await self._local(v3_input_png, pybase64.b64decode(image_b64), read))
 
-    async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str, fingerprint: str,
-                     ttl: int) -> tuple[str, list[str]]:
-        """Submit the first pass of each V3 branch; store the task. -> (V2 task id, V3 job ids)"""
+    async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str,
+                     fingerprint: str) -> tuple[str, list[str]]:
+        """Submit the first V3 job of each branch; store the task. -> (V2 task id, V3 job ids)"""
         task_id = new_task_id()
         source = pybase64.b64decode(image_b64)
-        if plan.rgb_input:
-            source = await self._local(rgb_png, source)
-            image_b64 = pybase64.b64encode(source)
+        if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
+            image_b64 = pybase64.b64encode(await self._local(v3_input_png, source, plan.read))
         firsts = await asyncio.gather(*(
-            self._v3.submit(UpscaleBody(str(b.model), V3_NATIVE, image_b64), key)
-            for b in plan.branches if b.passes
+            self._v3.submit(UpscaleBody(b.v3_jobs[0].model, b.v3_jobs[0].scale_factor, image_b64), key)
+            for b in plan.branches if b.v3_jobs
         ))
         ids = iter(job_id for job_id, _ in firsts)
         now = time.time()
         doc = {
-            "plan": plan.to_doc(), "ttl": ttl, "created": now, "deadline": now + self._settings.deadline,
-            "state": RUNNING, "reason": "", "jobs": [[next(ids)] if b.passes else [] for b in plan.branches],
+            "plan": plan.model_dump(mode="json"), "ttl": plan.ttl, "created": now,
+            "deadline": now + self._settings.deadline, "state": RUNNING, "reason": "",
+            "jobs": [[next(ids)] if b.v3_jobs else [] for b in plan.branches],
             "executed_ms": 0, "finished_ms": 0, "expires_at": 0,
         }
         await self._results.put(f"{task_id}.input", source)
@@ -111,17 +113,17 @@ class Composer:
             return _data(doc, image_url)
         if time.time() > doc["deadline"]:
             return await self._finish(task, TIMEOUT, "the task did not finish before its deadline", image_url)
-        plan = Plan.from_doc(doc["plan"])
-        current = [jobs[-1] for b, jobs in zip(plan.branches, doc["jobs"], strict=True) if b.passes]
+        plan = Plan.model_validate(doc["plan"])
+        current = [jobs[-1] for b, jobs in zip(plan.branches, doc["jobs"], strict=True) if b.v3_jobs]
         results = iter(await asyncio.gather(*(self._v3.task_result(job, key) for job in current)))
-        last: list[TaskResult | None] = [next(results)[0] if b.passes else None for b in plan.branches]
+        last: list[TaskResult | None] = [next(results)[0] if b.v3_jobs else None for b in plan.branches]
         for result in filter(None, last):
-            if result.task.status == "TASK_STATUS_FAILED":
+            if self._v2_status(result) == V2Status.FAILED:
                 return await self._finish(task, FAILED, result.task.reason or "a V3 job failed", image_url)
             if not doc["executed_ms"] and result.extra.debug_info.execute_time_ms:
                 doc["executed_ms"] = result.extra.debug_info.execute_time_ms
-        succeeded = [r is None or r.task.status == "TASK_STATUS_SUCCEED" for r in last]
-        next_pass = any(ok and len(jobs) < b.passes
+        succeeded = [r is None or self._v2_status(r) == V2Status.SUCCESSFUL for r in last]
+        next_pass = any(ok and len(jobs) < len(b.v3_jobs)
                         for ok, jobs, b in zip(succeeded, doc["jobs"], plan.branches, strict=True))
         if (all(succeeded) or next_pass) and await self._plans.acquire(task_id, self._owner, self._settings.lease):
             try:
@@ -131,7 +133,11 @@ class Composer:
             task = await self._plans.get(task_id) or task
             if task.doc["state"] != RUNNING:
                 return _data(task.doc, image_url)
-        return _running(plan, task.doc, last)
+        return _running(plan, task.doc, [self._v2_status(r) if r else None for r in last],
+                        [r.task.eta for r in last if r])
+
+    def _v2_status(self, result: TaskResult) -> V2Status:
+        return V2Status(self._status.get(result.task.status, V2Status.RUNNING))  # unknown: still running
 
     async def _advance(self, task: StoredTask, plan: Plan, last: list[TaskResult | None],
                        succeeded: list[bool], key: str) -> None:
@@ -142,10 +148,11 @@ class Composer:
         jobs = task.doc["jobs"]
         try:
             for b, (branch, result) in enumerate(zip(plan.branches, last, strict=True)):
-                if result is not None and succeeded[b] and len(jobs[b]) < branch.passes:
-                    image = await self._fetch(result)  # the next native 4x pass runs on this output
+                if result is not None and succeeded[b] and len(jobs[b]) < len(branch.v3_jobs):
+                    image = await self._fetch(result)  # the next job in the chain runs on this output
+                    job = branch.v3_jobs[len(jobs[b])]
                     job_id, _ = await self._v3.submit(
-                        UpscaleBody(str(branch.model), V3_NATIVE, pybase64.b64encode(image)), key)
+                        UpscaleBody(job.model, job.scale_factor, pybase64.b64encode(image)), key)
                     jobs[b].append(job_id)
                     succeeded[b] = False
             if not all(succeeded):
@@ -159,11 +166,16 @@ class Composer:
                 if source is None:
                     raise FetchError("the task's input is gone")
                 started = time.perf_counter()
-                png = await self._local(compose, plan, source, finals, self.faces)
-                log.info("composed", task_id=task.task_id, size=list(plan.output),
+                png = await self._local(compose, plan, source, finals)
+                log.info("composed", task_id=task.task_id, size=list(plan.output_size),
                          compose_ms=round((time.perf_counter() - started) * 1000, 1))
+            if plan.faces:  # last, as V2 ran it: after the upscale, on the operator's A1111 server
+                f = plan.faces
+                png = await self.faces.restore(png, gfpgan_visibility=f.gfpgan_visibility,
+                                               codeformer_visibility=f.codeformer_visibility,
+                                               codeformer_weight=f.codeformer_weight)
             await self._results.put(f"{task.task_id}.png", png)
-        except (FetchError, ImageTooLarge, OSError, ValueError) as e:
+        except (FetchError, ImageTooLarge, FaceRestorationError, OSError, ValueError) as e:
             log.warning("composition failed", task_id=task.task_id, error=str(e))
             await self._mark(task, FAILED, f"composition failed: {e}")
             return
@@ -190,7 +202,7 @@ class Composer:
         if await self._plans.acquire(task.task_id, self._owner, self._settings.lease):
             await self._mark(task, state, reason)
             return _data(task.doc, image_url)
-        return _running(Plan.from_doc(task.doc["plan"]), task.doc, [])
+        return _running(Plan.model_validate(task.doc["plan"]), task.doc, [], [])
 
     async def image(self, task_id: str) -> bytes | None:
         """The composed PNG while it is downloadable; None once expired or never made."""
@@ -221,14 +233,15 @@ def _data(doc: dict, image_url: str, status: int | None = None, progress: float 
     )
 
 
-def _running(plan: Plan, doc: dict, last: list[TaskResult | None]) -> dict:
-    """Status 0 until V3 starts, then 1; progress counts finished passes (composing is one more)."""
+def _running(plan: Plan, doc: dict, last: list[V2Status | None], etas: list[float]) -> dict:
+    """Status 0 until V3 starts, then 1; progress counts finished V3 jobs (composing is one more).
+    `last`: the V2 status of each branch's current V3 job (None: no V3 job)."""
     done = sum(len(jobs) - 1 for jobs in doc["jobs"] if jobs)
-    done += sum(1 for r in last if r is not None and r.task.status == "TASK_STATUS_SUCCEED")
-    total = plan.v3_passes + 1
-    queued = bool(last) and all(r is not None and r.task.status == "TASK_STATUS_QUEUED" for r in last)
-    remaining_passes = plan.v3_passes - done
-    eta = max([r.task.eta for r in last if r is not None] + [1]) * max(remaining_passes, 1) + 1
+    done += sum(1 for status in last if status == V2Status.SUCCESSFUL)
+    total = plan.v3_jobs + 1
+    queued = bool(last) and all(status == V2Status.INITIALIZING for status in last)
+    remaining_passes = plan.v3_jobs - done
+    eta = max([*etas, 1]) * max(remaining_passes, 1) + 1
     progress = round(min(done / total, 0.99), 2)
     return _data(doc, "", status=0 if queued and not done else 1,
                  progress=int(progress) if progress == 0 else progress, eta=int(eta))

@@ -30,6 +30,7 @@ class ImageInfo:
     nbytes: int
     mode: str
     has_alpha: bool  # an alpha channel or a transparent colour: V2 dropped it (converted to RGB)
+    orientation: int = 1  # EXIF orientation (1: upright), which A1111 applied from v1.9
 
 
 def _bad(msg: str) -> V2Error:
@@ -88,6 +89,7 @@ def _repair(text: memoryview | bytes) -> bytes:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_ORIENTATION = 0x0112  # the EXIF tag
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
@@ -102,8 +104,8 @@ def _png_header(data: bytes, nbytes: int) -> ImageInfo | None:
         return None
     width, height = struct.unpack(">II", data[16:24])
     transparent = _png_chunk_before_pixels(data, b"tRNS")
-    if not width or not height or transparent is None:
-        return None
+    if not width or not height or transparent is None or _png_chunk_before_pixels(data, b"eXIf"):
+        return None  # an eXIf chunk may turn the image: Pillow reads it
     mode = _PNG_MODES[data[25]]
     return ImageInfo("PNG", width, height, nbytes, mode, mode in _ALPHA_MODES or transparent)
 
@@ -127,6 +129,8 @@ def _pillow_header(data: bytes, nbytes: int) -> ImageInfo | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
-                return ImageInfo(im.format or "", im.width, im.height, nbytes, im.mode, alpha)
+                orientation = im.getexif().get(_ORIENTATION, 1)
+                return ImageInfo(im.format or "", im.width, im.height, nbytes, im.mode, alpha,
+                                 orientation if orientation in range(1, 9) else 1)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None

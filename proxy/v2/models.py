@@ -2,6 +2,8 @@
 
 Legacy SDKs send every field, nulls included; null means "not set". Types are checked strictly
 (a string is never taken for a number) except that an integral float is accepted for an int.
+Each resize mode reads only its own fields, so only those are range-checked: real clients send
+`upscaling_resize_w: 0` in mode 0 and `upscaling_resize: 4` in mode 1 (spec 7.1).
 """
 
 from typing import Annotated
@@ -30,9 +32,9 @@ class V2UpscaleOptions(BaseModel):
 
     upscaler_1: str | None = None
     resize_mode: Annotated[Int, Field(ge=0, le=1)] | None = None
-    upscaling_resize: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    upscaling_resize_w: Annotated[Int, Field(ge=1)] | None = None
-    upscaling_resize_h: Annotated[Int, Field(ge=1)] | None = None
+    upscaling_resize: Annotated[float, Field(allow_inf_nan=False)] | None = None  # mode 0
+    upscaling_resize_w: Int | None = None  # mode 1
+    upscaling_resize_h: Int | None = None  # mode 1
     upscaling_crop: bool | None = None
     upscaler_2: str | None = None
     extras_upscaler_2_visibility: Unit | None = None
@@ -48,9 +50,23 @@ V2_FIELDS = ("image", *V2UpscaleOptions.model_fields)
 def validate_options(doc: dict) -> V2UpscaleOptions:
     """The V2 fields of a parsed body, or a V2Error naming the first bad field."""
     try:
-        return V2UpscaleOptions.model_validate(doc)
+        options = V2UpscaleOptions.model_validate(doc)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         field = str(err["loc"][0]) if err["loc"] else "body"
         code = V2Code.PARAM_RANGE_OUT_OF_LIMIT if err["type"] in RANGE_ERRORS else V2Code.INVALID_JSON
         raise V2Error(code, f"{field}: {err['msg']}") from None
+    _check_mode_fields(options)
+    return options
+
+
+def _check_mode_fields(o: V2UpscaleOptions) -> None:
+    if o.resize_mode == 1:
+        for field in ("upscaling_resize_w", "upscaling_resize_h"):
+            value = getattr(o, field)
+            if value is None:
+                raise V2Error(V2Code.INVALID_JSON, f"{field}: required when resize_mode is 1")
+            if value < 1:
+                raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT, f"{field}: Input should be greater than or equal to 1")
+    elif o.upscaling_resize is not None and o.upscaling_resize <= 0:
+        raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT, "upscaling_resize: Input should be greater than 0")
