@@ -159,10 +159,13 @@ def _branch(d: Draft, choice: Choice, s: float, dest: Size) -> Branch:
     else:  # the model's native 4x passes, as A1111 ran them
         last = size
         for after in d.profile.passes(size, s, dest, lambda z: (z[0] * V3_NATIVE, z[1] * V3_NATIVE)):
-            if max(last) > V3_MAX_INPUT_SIDE or after[0] * after[1] > MAX_PIXELS:
+            where = f"{choice.field}: pass {len(jobs) + 1} of {choice.name!r}"
+            if max(last) > V3_MAX_INPUT_SIDE:
+                raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT, f"{where} would send V3 a {last[0]}x{last[1]} "
+                              f"image, over the {V3_MAX_INPUT_SIDE} px V3 accepts per side")
+            if after[0] * after[1] > MAX_PIXELS:
                 raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT,
-                              f"{choice.field}: pass {len(jobs) + 1} of {choice.name!r} would send V3 a "
-                              f"{last[0]}x{last[1]} image, over the {V3_MAX_INPUT_SIDE} px V3 accepts per side")
+                              f"{where} would make a {after[0]}x{after[1]} image, too large to compose")
             jobs.append(V3Job(model=str(upscaler.v3_model), scale_factor=V3_NATIVE, size_in=last, size_out=after))
             last = after
     if last != dest:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from proxy.errors import V2Error
 from proxy.mappings import Mappings
@@ -40,18 +41,13 @@ def plan_upscale(opts: V2UpscaleOptions, image: ImageInfo, mappings: Mappings, p
 
 
 def _check_v2_limits(d: Draft) -> None:
-    """What V2 itself refused, whatever the policies: an output over 2048 px a side."""
+    """What V2 itself refused, whatever the policies: an output over 2048 px a side, checked on the
+    request as asked (the units decide later what is done of it)."""
     if d.upscaler_1 is None:
         return
-    opts = d.opts
-    if opts.resize_mode == 1:
-        w, h = opts.upscaling_resize_w, opts.upscaling_resize_h
-        d.scale_to = (w, h)  # for the geometry only; ScaleToExactSize decides it for real
-        crop = (w, h) if opts.upscaling_crop else None
-    else:
-        crop = None
-    d.orient = d.profile.keep_rgba and d.image.orientation not in (0, 1)
-    geometry(d, crop)
-    d.scale_to, d.orient = None, False
+    o = d.opts
+    size = (o.upscaling_resize_w, o.upscaling_resize_h) if o.resize_mode == 1 else None
+    as_asked = replace(d, scale_to=size, orient=d.profile.keep_rgba and d.image.orientation not in (0, 1))
+    geometry(as_asked, size if o.upscaling_crop else None)
 
 
