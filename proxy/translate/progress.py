@@ -6,9 +6,8 @@ import time
 from datetime import UTC, datetime
 from functools import lru_cache
 
+from proxy.errors import V2Status
 from proxy.v3.models import TaskResult
-
-FINAL = frozenset({2, 3, 4})
 
 
 def v2_time(ms: int) -> str:
@@ -27,7 +26,7 @@ def _number(x: float) -> float | int:
 
 
 def _progress(status: int, result: TaskResult, now_ms: int) -> float:
-    if status in FINAL:
+    if V2Status(status).final:
         return 1
     if result.task.progress_percent > 0:
         return min(result.task.progress_percent / 100, 0.99)
@@ -76,7 +75,7 @@ def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int 
     return v2_progress(
         status=status,
         progress=_progress(status, result, now_ms),
-        eta=0 if status in FINAL else _number(max(result.task.eta, 0)),
+        eta=0 if V2Status(status).final else _number(max(result.task.eta, 0)),
         imgs=[img.image_url for img in images] if status == 2 else None,
         failed_reason=result.task.reason if status == 3 else "",
         submit_ms=times.submit_time_ms, execution_ms=times.execute_time_ms, finish_ms=times.complete_time_ms,
