@@ -25,6 +25,7 @@ test: install
 bench: install
 	tests/bench/run.sh
 	$(VENV)/bin/python tests/bench/compose.py
+	$(VENV)/bin/python tests/bench/polls.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

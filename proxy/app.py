@@ -15,9 +15,9 @@ import yarl
 from aiohttp import web
 
 from proxy import __version__, logs, mappings, ops
+from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import ImageFetcher
-from proxy.compose.tasks import ComposedTasks, TaskSettings
 from proxy.deprecation import Brownouts, Deprecation
 from proxy.fingerprint import load_secret
 from proxy.keys import (
@@ -26,12 +26,13 @@ from proxy.keys import (
     EXECUTOR,
     MAPPINGS,
     METRICS,
-    PLANS,
+    POLL_CACHE,
     READINESS,
     RESULTS,
     SECRET,
     SESSION,
     SETTINGS,
+    TASK_STORE,
     TASKS,
     TRANSLATOR,
     UPSTREAM_URL,
@@ -40,9 +41,10 @@ from proxy.keys import (
 )
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.stores import FileResultStore, SqlitePlanStore
+from proxy.stores import FileResultStore, SqliteTaskStore
 from proxy.v2 import edge
 from proxy.v2 import handlers as v2
+from proxy.v2.poll_cache import PollCache
 from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
 from proxy.v3.passthrough import passthrough
@@ -159,10 +161,10 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
     """Composed tasks' state (SQLite) and bytes (files), under the data directory."""
     s = app[SETTINGS]
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    app[PLANS] = SqlitePlanStore(s.data_dir / "tasks.sqlite3")
+    app[TASK_STORE] = SqliteTaskStore(s.data_dir / "tasks.sqlite3")
     app[RESULTS] = FileResultStore(s.data_dir / "results")
     yield
-    await app[PLANS].close()
+    await app[TASK_STORE].close()
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
@@ -172,8 +174,9 @@ async def executor(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def composed_tasks(app: web.Application) -> AsyncIterator[None]:
-    """The composed path, on the V3 client, the stores and the thread pool."""
+async def task_engine(app: web.Application) -> AsyncIterator[None]:
+    """The composed path: the engine, on the V3 client, the stores and the thread pool, and its
+    worker, which moves composed tasks on in the background until the app stops."""
     s = app[SETTINGS]
     hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
     if not s.emulate_v3 and not s.image_hosts:
@@ -181,15 +184,18 @@ async def composed_tasks(app: web.Application) -> AsyncIterator[None]:
                     "set UPSCALE_PROXY_IMAGE_HOSTS to the host of V3's image URLs", allowed=sorted(hosts))
     fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout,
                            observe=app[METRICS].observe_upstream)
-    app[TASKS] = ComposedTasks(
-        app[V3], app[PLANS], app[RESULTS], fetcher, app[EXECUTOR],
-        TaskSettings(deadline=s.compose_deadline, lease=60.0, max_pending=s.compose_max_pending),
+    engine = app[TASKS] = TaskEngine(
+        app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
+        EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending),
         app[MAPPINGS].task_status,
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
         if s.face_restorer_url else NO_FACES,
         on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
     )
+    worker = asyncio.create_task(engine.run(), name="task engine")
     yield
+    worker.cancel()
+    await asyncio.wait([worker])
 
 
 def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
@@ -203,6 +209,8 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[DEPRECATION] = Deprecation(settings)
     app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
     app[READINESS] = Readiness()
+    app[POLL_CACHE] = PollCache(app[MAPPINGS].task_status, fresh_for=settings.poll_cache_seconds,
+                                max_entries=settings.poll_cache_max_entries)
     app[UPSTREAM_URL] = settings.upstream
     # started in this order, cleaned up in reverse: the log flusher is the last to stop
     app.cleanup_ctx.append(periodic("log flush", logs.FLUSH_EVERY, _flush_logs, last_run=True))
@@ -212,7 +220,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(stores)
     app.cleanup_ctx.append(executor)
-    app.cleanup_ctx.append(composed_tasks)
+    app.cleanup_ctx.append(task_engine)
     app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))
     app.on_startup.append(_ready)  # after every cleanup_ctx has started
     app.on_shutdown.append(_draining)

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 
 from aiohttp import ClientSession, web
 
-from proxy.compose.tasks import ComposedTasks
+from proxy.compose.engine import TaskEngine
 from proxy.deprecation import Brownouts, Deprecation
 from proxy.mappings import Mappings
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.stores import PlanStore, ResultStore
+from proxy.stores import ResultStore, TaskStore
 from proxy.v2.audit_record import AuditRecord
+from proxy.v2.poll_cache import PollCache
 from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
 
@@ -38,10 +39,11 @@ UPSTREAM_URL = web.AppKey("upstream_url", str)
 SESSION = web.AppKey("session", ClientSession)
 V3 = web.AppKey("v3", V3Client)
 SECRET = web.AppKey("fingerprint_secret", bytes)
-PLANS = web.AppKey("plans", PlanStore)
+TASK_STORE = web.AppKey("task_store", TaskStore)
 RESULTS = web.AppKey("results", ResultStore)
 EXECUTOR = web.AppKey("executor", Executor)
-TASKS = web.AppKey("tasks", ComposedTasks)
+TASKS = web.AppKey("tasks", TaskEngine)
+POLL_CACHE = web.AppKey("poll_cache", PollCache)
 DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)
 METRICS = web.AppKey("metrics", Metrics)

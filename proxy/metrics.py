@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 disable_created_metrics()  # the *_created series double the output and no dashboard uses them
 
@@ -27,6 +33,9 @@ class Metrics:
                                       ["state"], registry=r)
         self.v3_passthrough = Counter("upscale_proxy_v3_passthrough", "V3 calls passed through, by status",
                                       ["method", "status"], registry=r)
+        self.poll_cache = Counter("upscale_proxy_poll_cache", "direct-path polls by how they were answered",
+                                  ["outcome"], registry=r)
+        self._poll_cache = {outcome: self.poll_cache.labels(outcome) for outcome in ("miss", "shared", "hit")}
         self._max_clients = max_clients
         self._clients: set[str] = set()
         self._calls: dict[tuple, Counter] = {}
@@ -56,6 +65,10 @@ class Metrics:
             self._clients.add(fingerprint)
             return fingerprint
         return "other"
+
+    def count_poll(self, outcome: str) -> None:
+        """A direct poll: miss (it called V3), shared (another poll's call), hit (a kept result)."""
+        self._poll_cache[outcome].inc()
 
     def observe_upstream(self, call: str, seconds: float) -> None:
         child = self._latency.get(call)

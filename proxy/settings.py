@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, Field, HttpUrl, SecretStr, create_model, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    Field,
+    HttpUrl,
+    SecretStr,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.envtypes import CommaList
@@ -85,9 +94,24 @@ class Settings(_PolicySettings):
     compose_workers: int = Field(2, ge=1, le=64, description="threads for local image work")
     compose_max_pending: int = Field(8, ge=1, le=1024, description="compositions at once per process")
     compose_deadline: float = Field(900.0, gt=0, description="seconds until a composed task times out")
+    task_lease: float = Field(
+        60.0, gt=0, le=3600,
+        description="seconds a process may hold a composed task while moving it a step; a dead process's "
+        "tasks are taken over after it",
+    )
     sweep_interval: float = Field(60.0, gt=0, description="seconds between sweeps of expired tasks")
     fingerprint_secret: SecretStr | None = Field(
         None, description="HMAC secret of key fingerprints (default: made once, kept in data_dir)"
+    )
+
+    # direct-path polls (proxy/v2/poll_cache.py)
+    poll_cache_seconds: float = Field(
+        1.0, ge=0, le=60, description="seconds a running direct task's V3 result answers polls (0: off)"
+    )
+    poll_cache_max_entries: int = Field(
+        100_000, ge=0, le=10_000_000,
+        description="direct-task results kept for polls, least recently used dropped first (0: no cache, "
+        "no shared calls)",
     )
 
     # the end of V2: signalled on every V2 response, enforced by brownouts

@@ -34,7 +34,7 @@ async def upscale(client: TestClient, body: dict, **kw) -> dict:
 
 
 async def poll_until_done(client: TestClient, task_id: str, **kw) -> dict:
-    for _ in range(200):
+    for _ in range(500):
         doc = await v2_call(client, "GET", f"/v2/progress?task_id={task_id}", **kw)
         assert doc["code"] == 0, doc
         if doc["data"]["status"] in (2, 3, 4):
@@ -54,9 +54,23 @@ async def run_v2(client: TestClient, data: bytes, body: dict) -> tuple[dict, Ima
         return reply, decode(await resp.read())
 
 
-def closed_port_url() -> str:
-    """A loopback URL nobody listens on."""
+def free_port() -> int:
+    """A loopback port nobody listens on (yet)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        return s.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """A loopback URL nobody listens on."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def wait_for_port(port: int, tries: int = 200) -> None:
+    """Until something listens on the loopback port (a server process starting)."""
+    for _ in range(tries):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")

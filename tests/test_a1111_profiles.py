@@ -10,7 +10,7 @@ import io
 import pytest
 from PIL import Image
 
-from proxy.compose.tasks import is_composed_id
+from proxy.compose.task import is_composed_id
 from tests.a1111 import A1111, RELEASES, A1111Failed, native_pass_on
 from tests.helpers import run_v2, upscale
 from tests.images import encode, pattern

@@ -16,15 +16,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.helpers import free_port
 from tests.images import decode, encode, pattern
 
 KEY = "sk-legacy-client-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Process:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from proxy.app import create_app
 from proxy.compose.fetch import FetchError, ImageFetcher
-from proxy.compose.tasks import is_composed_id
+from proxy.compose.task import is_composed_id
 from proxy.emulator import EMULATOR
 from proxy.settings import Settings
 from proxy.translate.steps import ImageTooLarge, decode

@@ -1,11 +1,12 @@
-"""Where composed tasks live between polls: a plan store (task state) and a result store (bytes).
+"""Where composed tasks live: a task store (typed tasks, leases, which are due) and a result store
+(bytes: inputs and composed images).
 
 Both are small interfaces; the embedded defaults are SQLite and files under one data directory,
 so any number of processes on one machine share them, and a restarted proxy carries on.
 """
 
-from proxy.stores.base import PlanStore, ResultStore, StoredTask
+from proxy.stores.base import ResultStore, TaskStore
 from proxy.stores.files import FileResultStore
-from proxy.stores.sqlite import SqlitePlanStore
+from proxy.stores.sqlite import SqliteTaskStore
 
-__all__ = ["FileResultStore", "PlanStore", "ResultStore", "SqlitePlanStore", "StoredTask"]
+__all__ = ["FileResultStore", "ResultStore", "SqliteTaskStore", "TaskStore"]

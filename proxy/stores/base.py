@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass
-class StoredTask:
-    """A composed task as stored: its id, the caller's key fingerprint, and an opaque document."""
-
-    task_id: str
-    fingerprint: str
-    doc: dict  # the task's state, owned by proxy.compose
-    purge_at: float  # epoch seconds after which the task and its blobs may be removed
+from proxy.compose.task import ComposedTask
 
 
-class PlanStore(Protocol):
-    async def create(self, task: StoredTask) -> None: ...
+class TaskStore(Protocol):
+    """Composed tasks, their leases (who may change a task, until when) and which are due.
 
-    async def get(self, task_id: str) -> StoredTask | None: ...
+    Times are passed in (epoch seconds), never read from a clock here, so that tests control them.
+    """
 
-    async def acquire(self, task_id: str, owner: str, seconds: float) -> bool:
-        """Take the task's lease (the right to change it) for `seconds`, unless another holds it."""
+    async def create(self, task: ComposedTask) -> None: ...
 
-    async def save(self, task: StoredTask, owner: str) -> None:
-        """Write the task and give the lease back (only the lease holder writes)."""
+    async def get(self, task_id: str) -> ComposedTask | None: ...
+
+    async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
+        """Take the task's lease for `seconds`, unless another owner holds one that hasn't lapsed."""
+
+    async def save(self, task: ComposedTask, owner: str) -> bool:
+        """Write the task and give the lease back. Only the lease holder writes: False when
+        `owner` no longer holds the lease (it lapsed and another took it), and nothing is written."""
 
     async def release(self, task_id: str, owner: str) -> None: ...
+
+    async def due(self, now: float, limit: int) -> list[str]:
+        """Running tasks whose `due_at` has come and whose lease is free, the most overdue first."""
 
     async def purgeable(self, now: float) -> list[str]: ...
 

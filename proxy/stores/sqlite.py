@@ -1,33 +1,33 @@
-"""The embedded plan store: one SQLite file (WAL), shared by every process on the machine.
+"""The embedded task store: one SQLite file (WAL), shared by every process on the machine.
 
 Calls are short local transactions, made on the event loop; the lease is one conditional UPDATE,
-so two polls (or two processes) never both change a task.
+so two workers (or two processes) never both change a task.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
-import orjson
+from proxy.compose.task import ComposedTask, TaskState
 
-from proxy.stores.base import StoredTask
-
+# `composed_tasks`, not the `tasks` table of releases before typed tasks: their rows can't be read
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
+CREATE TABLE IF NOT EXISTS composed_tasks (
     task_id     TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
     doc         BLOB NOT NULL,
+    state       TEXT NOT NULL,
+    due_at      REAL NOT NULL,
     purge_at    REAL NOT NULL,
     lease_owner TEXT,
     lease_until REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS tasks_purge_at ON tasks (purge_at);
+CREATE INDEX IF NOT EXISTS composed_tasks_due ON composed_tasks (state, due_at);
+CREATE INDEX IF NOT EXISTS composed_tasks_purge_at ON composed_tasks (purge_at);
 """
 
 
-class SqlitePlanStore:
+class SqliteTaskStore:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -35,44 +35,49 @@ class SqlitePlanStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
 
-    async def create(self, task: StoredTask) -> None:
+    async def create(self, task: ComposedTask) -> None:
         self._db.execute(
-            "INSERT INTO tasks (task_id, fingerprint, doc, purge_at) VALUES (?, ?, ?, ?)",
-            (task.task_id, task.fingerprint, orjson.dumps(task.doc), task.purge_at),
+            "INSERT INTO composed_tasks (task_id, doc, state, due_at, purge_at) VALUES (?, ?, ?, ?, ?)",
+            (task.task_id, task.model_dump_json(), task.state, task.due_at, task.purge_at),
         )
 
-    async def get(self, task_id: str) -> StoredTask | None:
-        row = self._db.execute(
-            "SELECT task_id, fingerprint, doc, purge_at FROM tasks WHERE task_id = ?", (task_id,)
-        ).fetchone()
-        return StoredTask(row[0], row[1], orjson.loads(row[2]), row[3]) if row else None
+    async def get(self, task_id: str) -> ComposedTask | None:
+        row = self._db.execute("SELECT doc FROM composed_tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return ComposedTask.model_validate_json(row[0]) if row else None
 
-    async def acquire(self, task_id: str, owner: str, seconds: float) -> bool:
-        now = time.time()
+    async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
         cur = self._db.execute(
-            "UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE task_id = ? AND lease_until < ?",
+            "UPDATE composed_tasks SET lease_owner = ?, lease_until = ? WHERE task_id = ? AND lease_until < ?",
             (owner, now + seconds, task_id, now),
         )
         return cur.rowcount == 1
 
-    async def save(self, task: StoredTask, owner: str) -> None:
-        self._db.execute(
-            "UPDATE tasks SET doc = ?, purge_at = ?, lease_owner = NULL, lease_until = 0"
-            " WHERE task_id = ? AND lease_owner = ?",
-            (orjson.dumps(task.doc), task.purge_at, task.task_id, owner),
+    async def save(self, task: ComposedTask, owner: str) -> bool:
+        cur = self._db.execute(
+            "UPDATE composed_tasks SET doc = ?, state = ?, due_at = ?, purge_at = ?, lease_owner = NULL,"
+            " lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
+            (task.model_dump_json(), task.state, task.due_at, task.purge_at, task.task_id, owner),
         )
+        return cur.rowcount == 1
 
     async def release(self, task_id: str, owner: str) -> None:
         self._db.execute(
-            "UPDATE tasks SET lease_owner = NULL, lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
+            "UPDATE composed_tasks SET lease_owner = NULL, lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
             (task_id, owner),
         )
 
+    async def due(self, now: float, limit: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT task_id FROM composed_tasks WHERE state = ? AND due_at <= ? AND lease_until < ?"
+            " ORDER BY due_at LIMIT ?", (TaskState.RUNNING, now, now, limit),
+        )
+        return [r[0] for r in rows]
+
     async def purgeable(self, now: float) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT task_id FROM tasks WHERE purge_at < ?", (now,))]
+        return [r[0] for r in self._db.execute("SELECT task_id FROM composed_tasks WHERE purge_at < ?", (now,))]
 
     async def delete(self, task_id: str) -> None:
-        self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        self._db.execute("DELETE FROM composed_tasks WHERE task_id = ?", (task_id,))
 
     async def close(self) -> None:
         self._db.close()

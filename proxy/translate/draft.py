@@ -10,10 +10,26 @@ from typing import Literal
 
 from proxy.errors import V2Code, V2Error
 from proxy.mappings import Mappings, Upscaler
-from proxy.translate.plan import (MAX_OUTPUT_SIDE, V3_MAX_FACTOR, V3_MAX_INPUT_SIDE, V3_MIN_FACTOR, V3_NATIVE,
-                                  V3_URL_TTL, Plan)
+from proxy.translate.plan import (
+    MAX_OUTPUT_SIDE,
+    V3_MAX_FACTOR,
+    V3_MAX_INPUT_SIDE,
+    V3_MIN_FACTOR,
+    V3_NATIVE,
+    V3_URL_TTL,
+    Plan,
+)
 from proxy.translate.profiles import A1111Profile, Size
-from proxy.translate.steps import MAX_PIXELS, Blend, Branch, CropToCanvas, ReadInput, Resize, RestoreFaces, V3Job
+from proxy.translate.steps import (
+    MAX_PIXELS,
+    Blend,
+    Branch,
+    CropToCanvas,
+    ReadInput,
+    Resize,
+    RestoreFaces,
+    V3Job,
+)
 from proxy.v2.image import ImageInfo
 from proxy.v2.models import V2UpscaleOptions
 

@@ -155,7 +155,10 @@ def decode(data: bytes) -> Image.Image:
     """Decode with a pixel bound checked before any pixel is read (no decompression bombs)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # Pillow's own bound, far past ours
+            raise ImageTooLarge(f"the image is over {MAX_PIXELS} pixels ({e})") from None
         if image.width * image.height > MAX_PIXELS:
             raise ImageTooLarge(f"{image.width}x{image.height} is over {MAX_PIXELS} pixels")
         image.load()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # attributes that appear in the event only once something has set them
-_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "msg")
+_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "poll_cache", "msg")
 
 
 @dataclass(slots=True)
@@ -29,7 +29,8 @@ class AuditRecord:
     path_taken: str | None = None  # direct | composed; the edge: refused | brownout
     task_id: str | None = None
     v3_task_ids: list[str] | None = None  # a composed task's V3 jobs
-    upstream_status: int | None = None  # V3's HTTP status
+    upstream_status: int | None = None  # V3's HTTP status; None when no call was made
+    poll_cache: str | None = None  # a direct poll: miss | shared | hit (proxy/v2/poll_cache.py)
     # the edge, when the call ends
     v2_code: int = 0
     msg: str | None = None  # what the client was told, when the call failed

@@ -25,7 +25,16 @@ from proxy.audit import EVENT
 from proxy.deprecation import BrownoutRefusal
 from proxy.errors import V2Code, V2Error
 from proxy.fingerprint import fingerprint
-from proxy.keys import AUDIT, BROWNOUTS, CALLER, DEPRECATION, MAPPINGS, METRICS, SECRET, Caller
+from proxy.keys import (
+    AUDIT,
+    BROWNOUTS,
+    CALLER,
+    DEPRECATION,
+    MAPPINGS,
+    METRICS,
+    SECRET,
+    Caller,
+)
 from proxy.translate.errors import redact, to_v2_error
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import find_key

@@ -6,9 +6,9 @@ import re
 
 from aiohttp import web
 
-from proxy.compose.tasks import is_composed_id
+from proxy.compose.task import is_composed_id
 from proxy.errors import V2Code, V2Error
-from proxy.keys import AUDIT, CALLER, MAPPINGS, SETTINGS, TASKS, TRANSLATOR, V3
+from proxy.keys import AUDIT, CALLER, MAPPINGS, METRICS, POLL_CACHE, SETTINGS, TASKS, TRANSLATOR, V3
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
@@ -62,7 +62,9 @@ async def progress(request: web.Request) -> web.Response:
         if data is not None:
             return v2_reply(data=data)
     audit.path_taken = "direct"
-    result, audit.upstream_status = await app[V3].task_result(task_id, key)
+    result, audit.upstream_status, audit.poll_cache = await app[POLL_CACHE].result(
+        task_id, request[CALLER].fingerprint, lambda: app[V3].task_result(task_id, key))
+    app[METRICS].count_poll(audit.poll_cache)
     return v2_reply(data=progress_data(result, app[MAPPINGS].task_status))
 
 

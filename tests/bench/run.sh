@@ -23,6 +23,8 @@ export OUT=${OUT:-$ROOT/tests/bench/results/$RUN.jsonl}
 export TARGETS=${TARGETS:-"direct bare proxy"} COSTS=${COSTS:-0}
 export PROXY_PORT=18093 PROXY_POST_PATH=/v2/upscale PROXY_GET_PATH='/v2/progress?task_id=abc'
 export AUTHORIZATION="Bearer bench-key"
+# every poll a real upstream call: the floor is measured against forwarding, not against a cache
+export UPSCALE_PROXY_POLL_CACHE_MAX_ENTRIES=0
 export UPSCALE_PROXY_DATA_DIR=${UPSCALE_PROXY_DATA_DIR:-$(mktemp -d /tmp/upscale-bench-data.XXXXXX)}
 # the proxy as deployed: JSON log line per request (to a file), uvloop when installed
 export PROXY_CMD="$ROOT/.venv/bin/upscale-v2-proxy serve --port $PROXY_PORT --upstream \$UPSTREAM_URL --log-format json"

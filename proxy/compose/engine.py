@@ -1,0 +1,331 @@
+"""The task engine: composed tasks advance in the background; a poll only reads its task.
+
+Each process runs one worker (`run`). It takes the tasks that are due from the task store, each
+under its lease, and moves each one a step: read its current V3 jobs, submit the next job of a
+chain, and once every branch is done, fetch the results, compose them in the executor, restore
+faces, store the PNG. When it looks again is set by V3's eta and the task's age, not by how often
+clients poll. A poll answers from the stored task at once; it may wake the worker, never waits.
+
+A failure that can't heal (an image that is refused, undecodable or too large, a V3 job that
+failed) ends the task at once; a rate limit or an outage at V3 is waited out, with back-off, until
+the task's deadline.
+
+The caller's key is never stored. The engine holds each running task's key in memory, given by
+the submission and refreshed by every poll, so a task whose process died carries on in the next
+process one of its polls reaches, once the dead process's lease has lapsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import pybase64
+import structlog
+
+from proxy.compose.faces import NO_FACES, FaceRestorationError, FaceRestorer
+from proxy.compose.fetch import FetchError, ImageFetcher
+from proxy.compose.images import ImageTooLarge, compose, v3_input_png
+from proxy.compose.task import ComposedTask, TaskState, new_task_id
+from proxy.errors import V2Code, V2Error, V2Status
+from proxy.stores import ResultStore, TaskStore
+from proxy.translate.errors import redact
+from proxy.translate.plan import Plan
+from proxy.translate.progress import v2_progress
+from proxy.translate.steps import ReadInput
+from proxy.v3.client import V3Client
+from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
+from proxy.v3.models import TaskResult
+from proxy.v3.payload import UpscaleBody
+
+log = structlog.get_logger("proxy")
+V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
+# failures of the image work that no retry can mend: the task ends with them
+_FINAL_FAILURES = (FetchError, ImageTooLarge, FaceRestorationError, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    deadline: float  # seconds from submission until a task times out (V2 status 4)
+    lease: float  # seconds a worker may hold a task while it moves it a step
+    max_pending: int  # compositions at once in this process
+    keep_finished: float = 3600.0  # seconds a failed or timed-out task still answers its polls
+    tick: float = 0.1  # how often the worker looks for due tasks when nothing wakes it
+    min_wait: float = 0.1  # bounds of the time between two looks at one task
+    max_wait: float = 5.0
+    batch: int = 64  # due tasks taken per look
+
+
+class TaskEngine:
+    def __init__(self, v3: V3Client, tasks: TaskStore, results: ResultStore, fetcher: ImageFetcher,
+                 executor: Executor, settings: EngineSettings, status_table: dict[str, int],
+                 faces: FaceRestorer = NO_FACES, clock: Callable[[], float] = time.time,
+                 on_state: Callable[[str], None] | None = None) -> None:
+        self._v3, self._tasks, self._results, self._fetcher = v3, tasks, results, fetcher
+        self._executor, self._settings, self._status = executor, settings, status_table
+        self.faces = faces
+        self._clock = clock
+        self._on_state = on_state or (lambda state: None)
+        self._owner = uuid.uuid4().hex  # this process, as a lease holder
+        self._keys: dict[str, str] = {}  # running task -> its caller's key: memory only, never stored
+        self._busy: set[str] = set()  # tasks this process is moving right now
+        self._steps: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_pending)
+        self.compose = compose  # the composition, run in the executor (a test may hold it)
+
+    # --- what the handlers call ---------------------------------------------------------------
+
+    async def v3_input(self, image_b64: memoryview | bytes, read: ReadInput) -> bytes:
+        """The input as a model gets it (RGB pixels only, as the release read it), for V3."""
+        return pybase64.b64encode(await self._local(v3_input_png, pybase64.b64decode(image_b64), read))
+
+    async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str,
+                     fingerprint: str) -> tuple[str, list[str]]:
+        """Submit the first V3 job of each branch and store the task. -> (V2 task id, V3 job ids)"""
+        source = pybase64.b64decode(image_b64)
+        if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
+            image_b64 = pybase64.b64encode(await self._local(v3_input_png, source, plan.read))
+        firsts = await asyncio.gather(*(
+            self._v3.submit(UpscaleBody(b.v3_jobs[0].model, b.v3_jobs[0].scale_factor, image_b64), key)
+            for b in plan.branches if b.v3_jobs
+        ))
+        ids = iter(job_id for job_id, _ in firsts)
+        now = self._clock()
+        longest = max((len(b.v3_jobs) for b in plan.branches), default=0)
+        task = ComposedTask(
+            task_id=new_task_id(), fingerprint=fingerprint, plan=plan, created=now,
+            eta=longest * V3_JOB_SECONDS + 1, eta_at=now,
+            deadline=now + self._settings.deadline, due_at=now + self._settings.min_wait,
+            purge_at=now + self._settings.deadline + self._settings.keep_finished,
+            jobs=[[next(ids)] if b.v3_jobs else [] for b in plan.branches], jobs_done=[0] * len(plan.branches),
+            outputs=[None] * len(plan.branches), started=not any(b.v3_jobs for b in plan.branches),
+        )
+        await self._results.put(f"{task.task_id}.input", source)
+        await self._tasks.create(task)
+        self._keys[task.task_id] = key
+        self._on_state(TaskState.RUNNING)
+        self._wake.set()
+        return task.task_id, [job_id for job_id, _ in firsts]
+
+    async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
+        """The V2 progress data of a composed task, from what is stored; None if there is none."""
+        task = await self._tasks.get(task_id)
+        if task is None:
+            return None
+        if task.fingerprint != fingerprint:
+            raise V2Error(V2Code.TASK_ID_NOT_EXIST, "task_id: no such task")
+        now = self._clock()
+        if task.state == TaskState.RUNNING:
+            self._keys[task_id] = key  # this process can move it on, should its owner be gone
+            if task.due_at <= now:
+                self._wake.set()
+        return _data(task, image_url, now)
+
+    async def image(self, task_id: str) -> bytes | None:
+        """The composed PNG while it is downloadable; None once expired or never made."""
+        task = await self._tasks.get(task_id)
+        if task is None or task.state != TaskState.SUCCEEDED or self._clock() > task.expires_at:
+            return None
+        return await self._results.get(f"{task_id}.png")
+
+    async def sweep(self, now: float) -> int:
+        """Remove tasks past their purge time (expired images included) and their blobs."""
+        gone = await self._tasks.purgeable(now)
+        for task_id in gone:
+            await self._results.delete(f"{task_id}.png")
+            await self._results.delete(f"{task_id}.input")
+            await self._tasks.delete(task_id)
+            self._keys.pop(task_id, None)
+        return len(gone)
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Move due tasks on until cancelled; then let go of the tasks being moved."""
+        try:
+            while True:
+                self._wake.clear()
+                for task_id in await self._tasks.due(self._clock(), self._settings.batch):
+                    if task_id in self._keys and task_id not in self._busy:
+                        self._busy.add(task_id)
+                        step = asyncio.create_task(self._step(task_id))
+                        self._steps.add(step)
+                        step.add_done_callback(self._steps.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.tick)
+        finally:
+            for step in list(self._steps):
+                step.cancel()
+            if self._steps:
+                await asyncio.wait(list(self._steps))
+
+    async def _step(self, task_id: str) -> None:
+        try:
+            if not await self._tasks.acquire(task_id, self._owner, self._clock(), self._settings.lease):
+                return
+            task = await self._tasks.get(task_id)
+            if task is None or task.state != TaskState.RUNNING:
+                await self._tasks.release(task_id, self._owner)
+                return
+            try:
+                await self._advance(task, self._keys[task_id])
+            except Exception:  # a bug: end the task rather than retry it forever
+                log.exception("task step failed", task_id=task_id)
+                self._end(task, TaskState.FAILED, "internal error", self._clock())
+            if not await self._tasks.save(task, self._owner):
+                log.warning("task lease lapsed before its step was stored", task_id=task_id)
+            elif task.state != TaskState.RUNNING:
+                self._keys.pop(task_id, None)
+                self._on_state(task.state)
+        except asyncio.CancelledError:  # shutting down: another process may carry on at once
+            await self._tasks.release(task_id, self._owner)
+            raise
+        finally:
+            self._busy.discard(task_id)
+
+    async def _advance(self, task: ComposedTask, key: str) -> None:
+        """One step of a running task, under its lease; it changes `task`, the caller stores it."""
+        now = self._clock()
+        if now > task.deadline:
+            return self._end(task, TaskState.TIMEOUT, "the task did not finish before its deadline", now)
+        try:
+            waiting = await self._follow_jobs(task, key)
+            if task.state == TaskState.RUNNING and waiting is None:
+                await self._compose(task)
+            elif task.state == TaskState.RUNNING:
+                task.retries = 0
+                task.due_at = self._clock() + self._wait(task, waiting)
+        except (V3Unreachable, V3Timeout, V3BadReply) as e:
+            self._back_off(task, f"V3: {e}")
+        except V3StatusError as e:
+            if e.status == 429 or e.status >= 500:  # rate limited or down: it will pass
+                self._back_off(task, f"V3 answered HTTP {e.status} {e.reason}")
+            else:
+                said = redact(": ".join(p for p in (e.reason, e.message) if p) or f"HTTP {e.status}", key)
+                self._end(task, TaskState.FAILED, f"V3 refused a job: {said}", self._clock())
+        except _FINAL_FAILURES as e:
+            log.warning("composition failed", task_id=task.task_id, error=str(e))
+            self._end(task, TaskState.FAILED, f"composition failed: {e}", self._clock())
+        task.advance_progress(task.work_done)
+        return None
+
+    async def _follow_jobs(self, task: ComposedTask, key: str) -> list[float] | None:
+        """Read each branch's current V3 job; after one that succeeded, submit the next of its
+        chain on its image. -> the etas of the jobs still running, or None when all are done.
+
+        What is learnt is written on `task` before anything else can fail, so that a step cut
+        short (a rate limit on the next submission) is taken up where it stopped."""
+        current = [b for b, jobs in enumerate(task.jobs) if task.jobs_done[b] < len(jobs)]
+        results = await asyncio.gather(*(self._v3.task_result(task.jobs[b][-1], key) for b in current))
+        etas = []
+        for b, (result, _) in zip(current, results, strict=True):
+            status = V2Status(self._status.get(result.task.status, V2Status.RUNNING))
+            task.started = task.started or status != V2Status.INITIALIZING
+            if status == V2Status.FAILED:
+                self._end(task, TaskState.FAILED, result.task.reason or "a V3 job failed", self._clock())
+                return etas
+            task.executed_ms = task.executed_ms or result.extra.debug_info.execute_time_ms
+            if status == V2Status.SUCCESSFUL:
+                task.jobs_done[b] += 1
+                task.outputs[b] = _image_url(result)
+            else:
+                etas.append(result.task.eta)
+        for b, branch in enumerate(task.plan.branches):
+            if task.jobs_done[b] == len(task.jobs[b]) < len(branch.v3_jobs):  # chain the next job
+                job = branch.v3_jobs[len(task.jobs[b])]
+                image = await self._fetcher.fetch(task.outputs[b])
+                job_id, _ = await self._v3.submit(UpscaleBody(job.model, job.scale_factor,
+                                                              pybase64.b64encode(image)), key)
+                task.jobs[b].append(job_id)
+                etas.append(0.0)
+        done = all(task.jobs_done[b] == len(branch.v3_jobs) for b, branch in enumerate(task.plan.branches))
+        return None if done else etas
+
+    async def _compose(self, task: ComposedTask) -> None:
+        if self._slots.locked():  # this process composes enough already: look again shortly
+            task.due_at = self._clock() + self._settings.min_wait
+            return
+        async with self._slots:
+            finals = []
+            for url in task.outputs:
+                finals.append(await self._fetcher.fetch(url) if url else None)
+                task.fetched += 1 if url else 0
+            source = await self._results.get(f"{task.task_id}.input")
+            if source is None:
+                raise FetchError("the task's input is gone")
+            started = time.perf_counter()
+            png = await self._local(self.compose, task.plan, source, finals)
+            log.info("composed", task_id=task.task_id, size=list(task.plan.output_size),
+                     compose_ms=round((time.perf_counter() - started) * 1000, 1))
+            faces = task.plan.faces
+            if faces:  # last, as V2 ran it: after the upscale, on the operator's A1111 server
+                png = await self.faces.restore(png, gfpgan_visibility=faces.gfpgan_visibility,
+                                               codeformer_visibility=faces.codeformer_visibility,
+                                               codeformer_weight=faces.codeformer_weight)
+        await self._results.put(f"{task.task_id}.png", png)
+        await self._results.delete(f"{task.task_id}.input")
+        now = self._clock()
+        task.expires_at = now + task.plan.ttl
+        self._end(task, TaskState.SUCCEEDED, "", now, purge_at=task.expires_at)
+
+    def _end(self, task: ComposedTask, state: TaskState, reason: str, now: float,
+             purge_at: float | None = None) -> None:
+        task.state, task.reason, task.eta = state, reason, 0.0
+        task.finished_ms = int(now * 1000)
+        task.purge_at = purge_at or now + self._settings.keep_finished
+
+    def _wait(self, task: ComposedTask, etas: list[float]) -> float:
+        """Seconds until the next look: half V3's eta while it gives one (its etas are whole
+        seconds, rounded up), else a share of the task's age (young tasks are looked at often, old
+        ones less), within the bounds."""
+        s = self._settings
+        age = self._clock() - task.created
+        wait = max(etas) / 2 if etas and max(etas) > 0 else age / 4
+        chains = [len(b.v3_jobs) - done for b, done in zip(task.plan.branches, task.jobs_done, strict=True)]
+        task.estimate_eta(max(max(etas, default=0), 1) * max(max(chains), 1) + 1, self._clock())
+        return min(max(wait, s.min_wait), s.max_wait)
+
+    def _back_off(self, task: ComposedTask, why: str) -> None:
+        task.retries += 1
+        wait = min(self._settings.max_wait * 6, self._settings.min_wait * 2 ** task.retries)
+        task.due_at = self._clock() + random.uniform(wait / 2, wait)
+        log.info("task waits for V3", task_id=task.task_id, why=why, retries=task.retries)
+
+    async def _local(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _image_url(result: TaskResult) -> str:
+    if not result.images:
+        raise FetchError("a V3 job succeeded without an image")
+    return result.images[0].image_url
+
+
+def _data(task: ComposedTask, image_url: str, now: float) -> dict:
+    state, status, progress, eta = task.state, task.state.v2_status, 1.0, 0.0
+    reason = task.reason
+    if state == TaskState.RUNNING and now > task.deadline:  # the worker will end it; say so now
+        state, status, reason = TaskState.TIMEOUT, V2Status.TIMEOUT, "the task did not finish before its deadline"
+    elif state == TaskState.RUNNING:
+        status = V2Status.RUNNING if task.started else V2Status.INITIALIZING
+        progress, eta = task.progress, max(math.ceil(task.eta_now(now)), 1)
+    submit_ms = int(task.created * 1000)
+    return v2_progress(
+        status=int(status), progress=_number(progress), eta=int(eta),
+        imgs=[image_url] if state == TaskState.SUCCEEDED else None,
+        failed_reason=reason if state in (TaskState.FAILED, TaskState.TIMEOUT) else "",
+        submit_ms=submit_ms, execution_ms=task.executed_ms or (submit_ms if task.finished_ms else 0),
+        finish_ms=task.finished_ms,
+    )
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
