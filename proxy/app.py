@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -14,7 +15,7 @@ import structlog
 import yarl
 from aiohttp import web
 
-from proxy import __version__, logs, mappings, ops
+from proxy import __version__, logs, mappings, ops, webhooks
 from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import ImageFetcher
@@ -23,10 +24,10 @@ from proxy.fingerprint import load_secret
 from proxy.keys import (
     BROWNOUTS,
     DEPRECATION,
+    DIRECT,
     EXECUTOR,
     MAPPINGS,
     METRICS,
-    POLL_CACHE,
     READINESS,
     RESULTS,
     SECRET,
@@ -37,6 +38,7 @@ from proxy.keys import (
     TRANSLATOR,
     UPSTREAM_URL,
     V3,
+    WEBHOOKS,
     Readiness,
 )
 from proxy.metrics import Metrics
@@ -44,9 +46,11 @@ from proxy.settings import Settings
 from proxy.stores import FileResultStore, SqliteTaskStore
 from proxy.v2 import edge
 from proxy.v2 import handlers as v2
+from proxy.v2.direct import DirectTasks
 from proxy.v2.poll_cache import PollCache
 from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
+from proxy.v3.models import TaskResult
 from proxy.v3.passthrough import passthrough
 
 if TYPE_CHECKING:  # the emulator itself is imported only under --emulate-v3
@@ -77,6 +81,15 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
+    if WEBHOOKS in app:
+        app.router.add_post(webhooks.ROUTE, webhooks.handler(app[WEBHOOKS], partial(_webhook_result, app)))
+
+
+def _webhook_result(app: web.Application, owner: webhooks.Owner, result: TaskResult) -> None:
+    if owner.composed_task:
+        app[TASKS].deliver(owner.composed_task, result)
+    else:
+        app[DIRECT].deliver(owner.fingerprint, result)
 
 
 def periodic(what: str, every: float, step: Callable[[web.Application], Awaitable[None]], *,
@@ -154,6 +167,9 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         app[SESSION] = session
         app[V3] = V3Client(session, app[UPSTREAM_URL], retries=s.upstream_retries,
                            backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream)
+        cache = PollCache(app[MAPPINGS].task_status, fresh_for=s.poll_cache_seconds,
+                          max_entries=s.poll_cache_max_entries)
+        app[DIRECT] = DirectTasks(app[V3], cache, app.get(WEBHOOKS), s.webhook_fallback)
         yield
 
 
@@ -186,8 +202,9 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
                            observe=app[METRICS].observe_upstream)
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
-        EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending),
-        app[MAPPINGS].task_status,
+        EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,
+                       webhook_fallback=s.webhook_fallback),
+        app[MAPPINGS].task_status, webhooks=app.get(WEBHOOKS),
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
         if s.face_restorer_url else NO_FACES,
         on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
@@ -209,9 +226,9 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[DEPRECATION] = Deprecation(settings)
     app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
     app[READINESS] = Readiness()
-    app[POLL_CACHE] = PollCache(app[MAPPINGS].task_status, fresh_for=settings.poll_cache_seconds,
-                                max_entries=settings.poll_cache_max_entries)
     app[UPSTREAM_URL] = settings.upstream
+    if settings.webhooks:
+        app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline)
     # started in this order, cleaned up in reverse: the log flusher is the last to stop
     app.cleanup_ctx.append(periodic("log flush", logs.FLUSH_EVERY, _flush_logs, last_run=True))
     app.cleanup_ctx.append(fingerprint_secret)

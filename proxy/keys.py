@@ -12,9 +12,10 @@ from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.stores import ResultStore, TaskStore
 from proxy.v2.audit_record import AuditRecord
-from proxy.v2.poll_cache import PollCache
+from proxy.v2.direct import DirectTasks
 from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
+from proxy.webhooks import WebhookTokens
 
 
 class Readiness:
@@ -43,7 +44,8 @@ TASK_STORE = web.AppKey("task_store", TaskStore)
 RESULTS = web.AppKey("results", ResultStore)
 EXECUTOR = web.AppKey("executor", Executor)
 TASKS = web.AppKey("tasks", TaskEngine)
-POLL_CACHE = web.AppKey("poll_cache", PollCache)
+DIRECT = web.AppKey("direct", DirectTasks)
+WEBHOOKS = web.AppKey("webhooks", WebhookTokens)
 DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)
 METRICS = web.AppKey("metrics", Metrics)

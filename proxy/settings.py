@@ -94,6 +94,14 @@ class Settings(_PolicySettings):
     compose_workers: int = Field(2, ge=1, le=64, description="threads for local image work")
     compose_max_pending: int = Field(8, ge=1, le=1024, description="compositions at once per process")
     compose_deadline: float = Field(900.0, gt=0, description="seconds until a composed task times out")
+    webhooks: bool = Field(
+        False, description="ask V3 to POST finished tasks to this proxy (needs UPSCALE_PROXY_PUBLIC_URL, "
+        "reachable from V3)",
+    )
+    webhook_fallback: float = Field(
+        30.0, gt=0, le=3600, description="with webhooks: seconds after which the proxy asks V3 about a task "
+        "whose webhook has not come",
+    )
     task_lease: float = Field(
         60.0, gt=0, le=3600,
         description="seconds a process may hold a composed task while moving it a step; a dead process's "
@@ -161,6 +169,12 @@ class Settings(_PolicySettings):
             if own and own not in unit.allowed:
                 raise ValueError(f"UPSCALE_PROXY_POLICY_{unit.name.upper()}={own} is not one of "
                                  f"{', '.join(unit.allowed)} (the policies {type(unit).__name__} allows)")
+        return self
+
+    @model_validator(mode="after")
+    def _webhooks_need_a_public_url(self) -> "Settings":
+        if self.webhooks and not self.public_url:
+            raise ValueError("UPSCALE_PROXY_WEBHOOKS needs UPSCALE_PROXY_PUBLIC_URL: the URL V3 calls back")
         return self
 
     @model_validator(mode="after")

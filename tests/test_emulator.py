@@ -1,4 +1,5 @@
-"""The V3 emulator against the V3 contract: validation, errors, lifecycle, real images, expiry."""
+"""The V3 emulator against the V3 contract: validation, errors, lifecycle, real images, expiry,
+webhooks."""
 
 import asyncio
 import base64
@@ -6,13 +7,18 @@ import os
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import unused_port
 
 from tests.helpers import AUTH
 from tests.images import b64, decode, encode, pattern
 
 
-def v3_body(image: str | None = None, model="RealESRNet_x4plus", factor=2, image_type=None) -> dict:
+def v3_body(image: str | None = None, model="RealESRNet_x4plus", factor=2, image_type=None,
+            webhook: str | None = None) -> dict:
     extra = {"response_image_type": image_type} if image_type else {}
+    if webhook:
+        extra["webhook"] = {"url": webhook}
     return {"extra": extra, "request": {"model_name": model, "image_base64": image or b64(), "scale_factor": factor}}
 
 
@@ -170,3 +176,142 @@ async def test__added_latency__delays_replies(start_emulator):
             async with http.post("/v3/async/upscale", json=v3_body(),
                                  timeout=aiohttp.ClientTimeout(total=0.1)):
                 pass
+
+
+class Receiver:
+    """A webhook endpoint: records (content type, event) per call, answers `statuses` in turn
+    (the last one from then on)."""
+
+    def __init__(self, statuses: tuple[int, ...]) -> None:
+        self.statuses = statuses
+        self.events: list[tuple[str, dict]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.events.append((request.content_type, await request.json()))
+        return web.Response(status=self.statuses[min(len(self.events), len(self.statuses)) - 1])
+
+
+@pytest.fixture
+def start_receiver(aiohttp_server):
+    async def start(*statuses: int) -> tuple[str, Receiver]:
+        receiver = Receiver(statuses or (204,))
+        app = web.Application()
+        app.router.add_post("/hook", receiver.handle)
+        server = await aiohttp_server(app)
+        return str(server.make_url("/hook")), receiver
+
+    return start
+
+
+async def until(check, what: str) -> None:
+    for _ in range(300):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {what}")
+
+
+async def delivered(emu) -> None:
+    await until(lambda: not emu.deliveries, "done with webhooks")
+
+
+async def test__webhook__posts_the_task_result_once_without_a_poll(start_emulator, start_receiver):
+    url, receiver = await start_receiver()
+    server, emu = await start_emulator(webhook_retry_delay=0.01)
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        _, reply = await submit(http, v3_body(webhook=url))
+        await delivered(emu)
+        assert emu.requests["result"] == 0  # the task settled on its own
+        assert len(receiver.events) == 1
+        content_type, event = receiver.events[0]
+        assert content_type == "application/json"
+        assert set(event) == {"event_type", "payload"} and event["event_type"] == "ASYNC_TASK_RESULT"
+        assert event["payload"]["task"]["task_id"] == reply["task_id"]
+        assert event["payload"]["task"]["status"] == "TASK_STATUS_SUCCEED"
+        assert event["payload"] == (await result(http, reply["task_id"]))[1]
+        async with http.get(event["payload"]["images"][0]["image_url"]) as resp:
+            assert resp.status == 200
+    assert (emu.requests["webhook"], emu.webhook_calls) == (1, [(url, 204)])
+
+
+async def test__webhook__of_a_failed_task__carries_the_failure(start_emulator, start_receiver):
+    url, receiver = await start_receiver()
+    server, emu = await start_emulator(fail_rate=1, fail_reason="boom")
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        _, reply = await submit(http, v3_body(webhook=url))
+        await delivered(emu)
+        [(_, event)] = receiver.events
+        assert event["payload"]["task"] | {"task_id": None} == {
+            "task_id": None, "task_type": "UPSCALE", "status": "TASK_STATUS_FAILED",
+            "reason": "boom", "eta": 0, "progress_percent": 0}
+        assert event["payload"]["images"] == []
+        assert event["payload"] == (await result(http, reply["task_id"]))[1]
+
+
+async def test__webhook__is_retried_until_a_2xx(start_emulator, start_receiver):
+    url, receiver = await start_receiver(500, 500, 204)
+    server, emu = await start_emulator(webhook_retry_delay=0.01)
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        await submit(http, v3_body(webhook=url))
+        await delivered(emu)
+    assert [outcome for _, outcome in emu.webhook_calls] == [500, 500, 204]
+    assert emu.requests["webhook"] == len(receiver.events) == 3
+    assert receiver.events[0] == receiver.events[1] == receiver.events[2]
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["always-500", "nobody-listening"])
+async def test__webhook__gives_up_after_5_retries(start_emulator, start_receiver, listening):
+    url, receiver = await start_receiver(500)
+    if not listening:
+        url = f"http://127.0.0.1:{unused_port()}/hook"
+    server, emu = await start_emulator(webhook_retry_delay=0.01)
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        await submit(http, v3_body(webhook=url))
+        await delivered(emu)
+    assert emu.requests["webhook"] == len(emu.webhook_calls) == 6
+    assert len(receiver.events) == (6 if listening else 0)
+    assert all(isinstance(outcome, int if listening else str) for _, outcome in emu.webhook_calls)
+
+
+async def test__webhooks_off__delivers_nothing(start_emulator, start_receiver):
+    url, receiver = await start_receiver()
+    server, emu = await start_emulator(webhooks=False)
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        code, reply = await submit(http, v3_body(webhook=url))
+        assert code == 200
+        assert (await finished(http, reply["task_id"]))["task"]["status"] == "TASK_STATUS_SUCCEED"
+    await asyncio.sleep(0.05)
+    assert (receiver.events, emu.requests["webhook"], emu.deliveries) == ([], 0, set())
+
+
+@pytest.mark.parametrize("webhook", [
+    {"url": "ftp://127.0.0.1/hook"}, {"url": "file:///tmp/hook"}, {"url": "not a url"}, {}])
+async def test__webhook_that_is_not_an_http_url__is_refused(v3, webhook):
+    body = v3_body()
+    body["extra"]["webhook"] = webhook
+    code, doc = await submit(v3, body)
+    assert (code, doc["reason"]) == (400, "INVALID_REQUEST_BODY")
+    assert "extra.webhook" in doc["message"]
+
+
+async def test__webhook__unknown_extra_keys__are_still_accepted(v3):
+    body = v3_body(webhook="https://example.invalid/hook")
+    body["extra"]["webhook"]["test_mode"] = {"enabled": True}
+    body["extra"]["something_new"] = 1
+    assert (await submit(v3, body))[0] == 200
+
+
+@pytest.mark.parametrize("pending", ["before-completion", "between-retries"])
+async def test__emulator__shuts_down_cleanly_with_a_delivery_pending(start_emulator, start_receiver, pending):
+    url, receiver = await start_receiver(500)
+    delays = {"process_delay": 30} if pending == "before-completion" else {"webhook_retry_delay": 30}
+    server, emu = await start_emulator(**delays)
+    async with aiohttp.ClientSession(base_url=str(server.make_url("")), headers=AUTH) as http:
+        await submit(http, v3_body(webhook=url))
+    [job] = emu.deliveries
+    if pending == "between-retries":
+        await until(lambda: emu.webhook_calls, "called the webhook")
+    await asyncio.sleep(0.02)
+    await server.close()
+    assert job.cancelled() and not emu.deliveries and emu.http is None
+    assert len(receiver.events) == len(emu.webhook_calls) == (1 if pending == "between-retries" else 0)

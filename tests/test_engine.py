@@ -18,7 +18,6 @@ import pytest
 from aiohttp import web
 
 from proxy.compose.task import ComposedTask, TaskState, is_composed_id
-from proxy.emulator import EMULATOR
 from proxy.keys import TASKS
 from proxy.stores import SqliteTaskStore
 from proxy.translate.plan import Plan

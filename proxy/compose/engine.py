@@ -39,14 +39,16 @@ from proxy.stores import ResultStore, TaskStore
 from proxy.translate.errors import redact
 from proxy.translate.plan import Plan
 from proxy.translate.progress import v2_progress
-from proxy.translate.steps import ReadInput
+from proxy.translate.steps import ReadInput, V3Job
 from proxy.v3.client import V3Client
 from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import TaskResult
 from proxy.v3.payload import UpscaleBody
+from proxy.webhooks import WebhookTokens
 
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
+MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step
 # failures of the image work that no retry can mend: the task ends with them
 _FINAL_FAILURES = (FetchError, ImageTooLarge, FaceRestorationError, OSError, ValueError)
 
@@ -57,6 +59,7 @@ class EngineSettings:
     lease: float  # seconds a worker may hold a task while it moves it a step
     max_pending: int  # compositions at once in this process
     keep_finished: float = 3600.0  # seconds a failed or timed-out task still answers its polls
+    webhook_fallback: float = 30.0  # with webhooks: seconds before V3 is asked after all
     tick: float = 0.1  # how often the worker looks for due tasks when nothing wakes it
     min_wait: float = 0.1  # bounds of the time between two looks at one task
     max_wait: float = 5.0
@@ -66,16 +69,19 @@ class EngineSettings:
 class TaskEngine:
     def __init__(self, v3: V3Client, tasks: TaskStore, results: ResultStore, fetcher: ImageFetcher,
                  executor: Executor, settings: EngineSettings, status_table: dict[str, int],
-                 faces: FaceRestorer = NO_FACES, clock: Callable[[], float] = time.time,
+                 faces: FaceRestorer = NO_FACES, webhooks: WebhookTokens | None = None,
+                 clock: Callable[[], float] = time.time,
                  on_state: Callable[[str], None] | None = None) -> None:
         self._v3, self._tasks, self._results, self._fetcher = v3, tasks, results, fetcher
         self._executor, self._settings, self._status = executor, settings, status_table
-        self.faces = faces
+        self.faces, self._webhooks = faces, webhooks
         self._clock = clock
         self._on_state = on_state or (lambda state: None)
         self._owner = uuid.uuid4().hex  # this process, as a lease holder
         self._keys: dict[str, str] = {}  # running task -> its caller's key: memory only, never stored
         self._busy: set[str] = set()  # tasks this process is moving right now
+        self._delivered: dict[str, TaskResult] = {}  # V3 job -> its result, sent to the webhook
+        self._news: set[str] = set()  # tasks with a delivered result not yet looked at
         self._steps: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_pending)
@@ -90,20 +96,22 @@ class TaskEngine:
     async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str,
                      fingerprint: str) -> tuple[str, list[str]]:
         """Submit the first V3 job of each branch and store the task. -> (V2 task id, V3 job ids)"""
+        task_id = new_task_id()
         source = pybase64.b64decode(image_b64)
         if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
             image_b64 = pybase64.b64encode(await self._local(v3_input_png, source, plan.read))
         firsts = await asyncio.gather(*(
-            self._v3.submit(UpscaleBody(b.v3_jobs[0].model, b.v3_jobs[0].scale_factor, image_b64), key)
+            self._v3.submit(self._body(b.v3_jobs[0], image_b64, task_id, fingerprint), key)
             for b in plan.branches if b.v3_jobs
         ))
         ids = iter(job_id for job_id, _ in firsts)
         now = self._clock()
         longest = max((len(b.v3_jobs) for b in plan.branches), default=0)
+        wait = self._settings.webhook_fallback if self._webhooks and longest else self._settings.min_wait
         task = ComposedTask(
-            task_id=new_task_id(), fingerprint=fingerprint, plan=plan, created=now,
+            task_id=task_id, fingerprint=fingerprint, plan=plan, created=now,
             eta=longest * V3_JOB_SECONDS + 1, eta_at=now,
-            deadline=now + self._settings.deadline, due_at=now + self._settings.min_wait,
+            deadline=now + self._settings.deadline, due_at=now + wait,
             purge_at=now + self._settings.deadline + self._settings.keep_finished,
             jobs=[[next(ids)] if b.v3_jobs else [] for b in plan.branches], jobs_done=[0] * len(plan.branches),
             outputs=[None] * len(plan.branches), started=not any(b.v3_jobs for b in plan.branches),
@@ -114,6 +122,13 @@ class TaskEngine:
         self._on_state(TaskState.RUNNING)
         self._wake.set()
         return task.task_id, [job_id for job_id, _ in firsts]
+
+    def deliver(self, task_id: str, result: TaskResult) -> None:
+        """A V3 job's result, sent to the webhook: the task's next step reads it, not V3."""
+        if len(self._delivered) < MAX_DELIVERED:
+            self._delivered[result.task.task_id] = result
+            self._news.add(task_id)
+            self._wake.set()
 
     async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
         """The V2 progress data of a composed task, from what is stored; None if there is none."""
@@ -153,7 +168,8 @@ class TaskEngine:
         try:
             while True:
                 self._wake.clear()
-                for task_id in await self._tasks.due(self._clock(), self._settings.batch):
+                news, self._news = self._news, {t for t in self._news if t in self._busy}  # busy: next time
+                for task_id in [*news, *await self._tasks.due(self._clock(), self._settings.batch)]:
                     if task_id in self._keys and task_id not in self._busy:
                         self._busy.add(task_id)
                         step = asyncio.create_task(self._step(task_id))
@@ -223,10 +239,14 @@ class TaskEngine:
 
         What is learnt is written on `task` before anything else can fail, so that a step cut
         short (a rate limit on the next submission) is taken up where it stopped."""
+        # with webhooks, V3 is asked only once a job's webhook is overdue (the task fell due)
+        ask = self._webhooks is None or task.due_at <= self._clock()
         current = [b for b, jobs in enumerate(task.jobs) if task.jobs_done[b] < len(jobs)]
-        results = await asyncio.gather(*(self._v3.task_result(task.jobs[b][-1], key) for b in current))
+        results = await asyncio.gather(*(self._job_result(task.jobs[b][-1], key, ask) for b in current))
         etas = []
-        for b, (result, _) in zip(current, results, strict=True):
+        for b, result in zip(current, results, strict=True):
+            if result is None:  # its webhook hasn't come yet
+                continue
             status = V2Status(self._status.get(result.task.status, V2Status.RUNNING))
             task.started = task.started or status != V2Status.INITIALIZING
             if status == V2Status.FAILED:
@@ -242,12 +262,24 @@ class TaskEngine:
             if task.jobs_done[b] == len(task.jobs[b]) < len(branch.v3_jobs):  # chain the next job
                 job = branch.v3_jobs[len(task.jobs[b])]
                 image = await self._fetcher.fetch(task.outputs[b])
-                job_id, _ = await self._v3.submit(UpscaleBody(job.model, job.scale_factor,
-                                                              pybase64.b64encode(image)), key)
+                job_id, _ = await self._v3.submit(
+                    self._body(job, pybase64.b64encode(image), task.task_id, task.fingerprint), key)
                 task.jobs[b].append(job_id)
                 etas.append(0.0)
         done = all(task.jobs_done[b] == len(branch.v3_jobs) for b, branch in enumerate(task.plan.branches))
         return None if done else etas
+
+    async def _job_result(self, job_id: str, key: str, ask: bool) -> TaskResult | None:
+        """A job's result: the one V3 sent to the webhook, else (when `ask`) V3's answer to a
+        task-result call."""
+        delivered = self._delivered.pop(job_id, None)
+        if delivered is not None or not ask:
+            return delivered
+        return (await self._v3.task_result(job_id, key))[0]
+
+    def _body(self, job: V3Job, image_b64: memoryview | bytes, task_id: str, fingerprint: str) -> UpscaleBody:
+        webhook = self._webhooks.issue(fingerprint, task_id) if self._webhooks else None
+        return UpscaleBody(job.model, job.scale_factor, image_b64, webhook_url=webhook)
 
     async def _compose(self, task: ComposedTask) -> None:
         if self._slots.locked():  # this process composes enough already: look again shortly
@@ -291,6 +323,8 @@ class TaskEngine:
         wait = max(etas) / 2 if etas and max(etas) > 0 else age / 4
         chains = [len(b.v3_jobs) - done for b, done in zip(task.plan.branches, task.jobs_done, strict=True)]
         task.estimate_eta(max(max(etas, default=0), 1) * max(max(chains), 1) + 1, self._clock())
+        if self._webhooks:  # V3 will say when a job is done: asking it is the fallback
+            return s.webhook_fallback
         return min(max(wait, s.min_wait), s.max_wait)
 
     def _back_off(self, task: ComposedTask, why: str) -> None:

@@ -1,4 +1,4 @@
-"""The emulated V3 HTTP surface: upscale, task-result, and the image URLs it hands out."""
+"""The emulated V3 HTTP surface: upscale, task-result, the image URLs it hands out, webhooks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+import aiohttp
 import orjson
 import pybase64
 from aiohttp import web
@@ -24,17 +25,24 @@ from proxy.emulator.v3 import MAX_BYTES, MAX_SIDE, UpscaleBody, V3Error
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SWEEP_EVERY = 60.0
+FINAL = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
+WEBHOOK_ATTEMPTS = 6  # the first call and V3's 5 retries
+WEBHOOK_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 @dataclass
 class Emulator:
-    """The emulator's state; tests may read `requests` (calls seen, by endpoint)."""
+    """The emulator's state; tests may read `requests` (calls seen, by endpoint, and "webhook"
+    attempts made) and `webhook_calls` (url, HTTP status or exception name) per attempt."""
 
     settings: EmulatorSettings
     tasks: dict[str, Task] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     injected: int = 0
     rng: random.Random = field(default_factory=random.Random)
+    webhook_calls: list[tuple[str, int | str]] = field(default_factory=list)
+    http: aiohttp.ClientSession | None = None  # for webhooks; open while the app runs
+    deliveries: set[asyncio.Task[None]] = field(default_factory=set)  # pending webhooks
 
     def inject(self, endpoint: str) -> None:
         """Raise the configured fault for this call, if the dice say so."""
@@ -124,6 +132,10 @@ async def upscale(request: web.Request) -> web.Response:
         fail_reason=s.fail_reason if s.fail_rate and emu.rng.random() < s.fail_rate else None,
     )
     emu.tasks[task.task_id] = task
+    if body.extra.webhook and s.webhooks:
+        job = asyncio.create_task(_webhook(emu, task, str(body.extra.webhook.url), _base(request)))
+        emu.deliveries.add(job)
+        job.add_done_callback(emu.deliveries.discard)
     return _json({"task_id": task.task_id})
 
 
@@ -131,27 +143,25 @@ def _ms(t: float | None) -> str:
     return str(int(t * 1000)) if t else "0"
 
 
-async def task_result(request: web.Request) -> web.Response:
-    emu = request.app[EMULATOR]
-    emu.requests["result"] += 1
-    key = _key(request)
-    emu.inject("result")
-    task = emu.tasks.get(request.query.get("task_id", ""))
-    if task is None or (emu.settings.api_keys and task.key != key):
-        raise V3Error("TASK_NOT_FOUND", "task not found")
+def _base(request: web.Request) -> str:
+    """Where image URLs point: the configured public URL, or the address the request came to."""
+    return request.app[EMULATOR].settings.public_url or f"{request.scheme}://{request.host}"
+
+
+async def result_body(emu: Emulator, task: Task, base: str) -> dict:
+    """The task-result document of `task` now; also the payload of its webhook event."""
     now = time.time()
     status = await task.settle(now)
-    done = status in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
+    done = status in FINAL
     images = []
     if status == "TASK_STATUS_SUCCEED":
-        base = emu.settings.public_url or f"{request.scheme}://{request.host}"
         images.append({
             "image_url": f"{base.rstrip('/')}/images/{task.task_id}.{task.image_type}",
             "image_url_ttl": emu.settings.image_url_ttl,
             "image_type": task.image_type,
             "nsfw_detection_result": None,
         })
-    return _json({
+    return {
         "extra": {
             "seed": "",
             "enable_nsfw_detection": False,
@@ -173,7 +183,43 @@ async def task_result(request: web.Request) -> web.Response:
         "images": images,
         "videos": [],
         "audios": [],
-    })
+    }
+
+
+async def task_result(request: web.Request) -> web.Response:
+    emu = request.app[EMULATOR]
+    emu.requests["result"] += 1
+    key = _key(request)
+    emu.inject("result")
+    task = emu.tasks.get(request.query.get("task_id", ""))
+    if task is None or (emu.settings.api_keys and task.key != key):
+        raise V3Error("TASK_NOT_FOUND", "task not found")
+    return _json(await result_body(emu, task, _base(request)))
+
+
+async def _webhook(emu: Emulator, task: Task, url: str, base: str) -> None:
+    """At the task's completion, settle it (nobody may poll) and POST the result event to `url`,
+    retrying a non-2xx answer, a timeout or a connection error with a doubling backoff."""
+    # a loop, not one sleep: the loop's clock may wake us a hair before time.time() says it's done
+    while (wait := task.completes - time.time()) > 0:
+        await asyncio.sleep(wait)
+    event = {"event_type": "ASYNC_TASK_RESULT", "payload": await result_body(emu, task, base)}
+    data = orjson.dumps(event)  # built once: every attempt sends the same event
+    assert emu.http is not None
+    for attempt in range(WEBHOOK_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(emu.settings.webhook_retry_delay * 2 ** (attempt - 1))
+        emu.requests["webhook"] += 1
+        outcome: int | str
+        try:
+            async with emu.http.post(url, data=data, timeout=WEBHOOK_TIMEOUT,
+                                     headers={"Content-Type": "application/json"}) as resp:
+                outcome = resp.status
+        except (aiohttp.ClientError, TimeoutError) as e:
+            outcome = type(e).__name__
+        emu.webhook_calls.append((url, outcome))
+        if isinstance(outcome, int) and 200 <= outcome < 300:
+            return
 
 
 async def image(request: web.Request) -> web.Response:
@@ -199,11 +245,25 @@ async def _sweeper(app: web.Application):
     job.cancel()
 
 
+async def _webhooks(app: web.Application):
+    """One client session for all webhooks; deliveries still pending at shutdown are dropped."""
+    emu = app[EMULATOR]
+    async with aiohttp.ClientSession() as emu.http:
+        yield
+        pending = list(emu.deliveries)
+        for job in pending:
+            job.cancel()
+        # wait for them, so none is left to touch the closed session or the closed loop
+        await asyncio.gather(*pending, return_exceptions=True)
+    emu.http = None
+
+
 def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Application:
     settings = settings or EmulatorSettings()
     app = web.Application(middlewares=[v3_errors], client_max_size=48 * 1024 * 1024)
     app[EMULATOR] = Emulator(settings, rng=random.Random(settings.seed))
     app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(_webhooks)
     app.router.add_post("/v3/async/upscale", upscale)
     app.router.add_get("/v3/async/task-result", task_result)
     app.router.add_get(r"/images/{task_id}.{ext:png|jpeg|webp}", image)

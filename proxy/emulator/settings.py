@@ -27,6 +27,10 @@ class EmulatorSettings(BaseSettings):
         default_factory=list,
         description="accepted keys, comma-separated (empty: any non-empty key is accepted)",
     )
+    webhooks: bool = Field(True, description="POST finished tasks to their extra.webhook.url")
+    webhook_retry_delay: float = Field(
+        1.0, ge=0, le=60, description="seconds before the first webhook retry (doubling after)"
+    )
     # fault injection, for tests of the proxy's error handling
     latency: float = Field(0, ge=0, le=600, description="seconds added before every V3 reply")
     error_reason: str | None = Field(

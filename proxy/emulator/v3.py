@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 MAX_SIDE = 2048
 MAX_BYTES = 30 * 1024 * 1024
@@ -49,11 +49,16 @@ class UpscaleRequest(BaseModel):
     scale_factor: float = Field(gt=1, le=4)
 
 
+class Webhook(BaseModel):
+    # V3 POSTs the task's result here once it is final; other keys (V3's test_mode) are ignored
+    url: HttpUrl  # http or https only: anything else is an INVALID_REQUEST_BODY
+
+
 class Extra(BaseModel):
     response_image_type: Literal["png", "webp", "jpeg"] = "png"
     enable_nsfw_detection: bool = False
     nsfw_detection_level: Literal[0, 1, 2] | None = None
-    webhook: dict | None = None
+    webhook: Webhook | None = None
     custom_storage: dict | None = None
     enterprise_plan: dict | None = None
 

@@ -8,13 +8,21 @@ from aiohttp import web
 
 from proxy.compose.task import is_composed_id
 from proxy.errors import V2Code, V2Error
-from proxy.keys import AUDIT, CALLER, MAPPINGS, METRICS, POLL_CACHE, SETTINGS, TASKS, TRANSLATOR, V3
+from proxy.keys import (
+    AUDIT,
+    CALLER,
+    DIRECT,
+    MAPPINGS,
+    METRICS,
+    SETTINGS,
+    TASKS,
+    TRANSLATOR,
+)
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
 from proxy.v2.reply import v2_reply
 from proxy.v2.translation import fields_sent
-from proxy.v3.payload import UpscaleBody
 
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
@@ -36,9 +44,9 @@ async def upscale(request: web.Request) -> web.Response:
     if plan.direct:
         if plan.v3_input == "pixels":
             image_b64 = await app[TASKS].v3_input(image_b64, plan.read)
-        body = UpscaleBody(plan.direct.model, plan.direct.scale_factor, image_b64)
         audit.path_taken = "direct"
-        task_id, audit.upstream_status = await app[V3].submit(body, key)
+        task_id, audit.upstream_status = await app[DIRECT].submit(plan.direct, image_b64, key,
+                                                                  request[CALLER].fingerprint)
     else:
         audit.path_taken = "composed"
         task_id, audit.v3_task_ids = await app[TASKS].submit(plan, image_b64, key, request[CALLER].fingerprint)
@@ -62,8 +70,8 @@ async def progress(request: web.Request) -> web.Response:
         if data is not None:
             return v2_reply(data=data)
     audit.path_taken = "direct"
-    result, audit.upstream_status, audit.poll_cache = await app[POLL_CACHE].result(
-        task_id, request[CALLER].fingerprint, lambda: app[V3].task_result(task_id, key))
+    result, audit.upstream_status, audit.poll_cache = await app[DIRECT].result(
+        task_id, key, request[CALLER].fingerprint)
     app[METRICS].count_poll(audit.poll_cache)
     return v2_reply(data=progress_data(result, app[MAPPINGS].task_status))
 

@@ -79,8 +79,23 @@ class PollCache:
         del self._flights[key]
         if flight.cancelled() or flight.exception() is not None:  # exception(): also marks it read
             return
-        result, _ = flight.result()
-        ttl = self._ttl(result)
+        self._keep(key, flight.result()[0], self._ttl(flight.result()[0]))
+
+    def deliver(self, task_id: str, fingerprint: str, result: TaskResult) -> None:
+        """A result V3 sent to the proxy's webhook: kept like a fetched one, if it is final."""
+        if self._max_entries and V2Status(self._status_table.get(result.task.status, V2Status.RUNNING)).final:
+            self._keep((task_id, fingerprint), result, self._ttl(result))
+
+    def expect(self, task_id: str, fingerprint: str, submitted_ms: int, seconds: float) -> None:
+        """A task whose result V3 will send to the webhook: for `seconds`, polls hear that it is
+        queued, without a V3 call; past that, they ask V3 (the webhook may never come)."""
+        if self._max_entries:
+            waiting = TaskResult.model_validate({
+                "task": {"task_id": task_id, "status": "TASK_STATUS_QUEUED"},
+                "extra": {"debug_info": {"submit_time_ms": submitted_ms}}})
+            self._keep((task_id, fingerprint), waiting, seconds)
+
+    def _keep(self, key: Key, result: TaskResult, ttl: float) -> None:
         if ttl <= 0:
             return
         self._kept[key] = _Kept(result, self._clock() + ttl)

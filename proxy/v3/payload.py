@@ -19,11 +19,11 @@ class UpscaleBody(payload.Payload):
     """
 
     def __init__(self, model: str, scale_factor: float, image_b64: memoryview | bytes,
-                 response_image_type: str = "png") -> None:
-        head = orjson.dumps({
-            "extra": {"response_image_type": response_image_type},
-            "request": {"model_name": model, "scale_factor": scale_factor},
-        })
+                 response_image_type: str = "png", webhook_url: str | None = None) -> None:
+        extra: dict = {"response_image_type": response_image_type}
+        if webhook_url:
+            extra["webhook"] = {"url": webhook_url}
+        head = orjson.dumps({"extra": extra, "request": {"model_name": model, "scale_factor": scale_factor}})
         # reopen the innermost object and append the image field last
         self._head = head[:-2] + b',"image_base64":"'
         self._tail = b'"}}'
