@@ -3,7 +3,8 @@
 1. Latency of one composed task from the moment its last V3 job has succeeded to the V2 poll that
    answers with `imgs`: V3 status checks, fetching the V3 images, the local steps (LANCZOS, crop,
    blend) and storing the PNG. The target is 2048 x 2048 with a crop and a blend of two upscalers.
-2. The proxy's peak memory while composing 8 such tasks at once.
+2. The proxy's peak memory while composing 8 such tasks at once, and the latency of the polls
+   answered meanwhile (a poll reads the stored task: it must not wait for the compositions).
 
 The emulator (no queue or processing delay) and the proxy run as separate processes. The V3 jobs'
 upscales are forced on the emulator first, by polling it directly, so that the timed poll measures
@@ -104,6 +105,18 @@ class Bench:
                         break
                 await asyncio.sleep(0.05)
 
+    async def poll_latencies(self, http: aiohttp.ClientSession, ids: list[str], done: asyncio.Event) -> list[float]:
+        """Poll the tasks in turn, as fast as answers come, until `done`: each poll's latency, ms."""
+        latencies = []
+        while not done.is_set():
+            for task_id in ids:
+                started = time.perf_counter()
+                async with http.get(f"{self.proxy}/v2/progress", params={"task_id": task_id}, headers=KEY) as resp:
+                    await resp.read()
+                latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.01)
+        return latencies
+
     async def poll_done(self, http: aiohttp.ClientSession, task_id: str) -> dict:
         while True:
             async with http.get(f"{self.proxy}/v2/progress", params={"task_id": task_id}, headers=KEY) as resp:
@@ -152,14 +165,20 @@ async def main() -> None:
             with open(f"/proc/{proxy.pid}/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             started = time.perf_counter()
+            done = asyncio.Event()
+            poller = asyncio.create_task(bench.poll_latencies(http, ids, done))
             await asyncio.gather(*(bench.poll_done(http, task_id) for task_id in ids))
             wall = time.perf_counter() - started
+            done.set()
+            polls = sorted(await poller)
             peak = mem(proxy.pid, "VmHWM")
         print(f"composed task: 520x600 -> 2048x2048 (cover 3.94, crop, blend of 2 upscalers), output {size}")
         print(f"last V3 success -> imgs answer, {a.runs} runs: p50 {statistics.median(latencies):.0f} ms, "
               f"min {min(latencies):.0f} ms, max {max(latencies):.0f} ms")
         print(f"{a.concurrent} compositions at once: {wall:.2f} s wall; proxy RSS {before:.0f} MB before, "
               f"peak {peak:.0f} MB (+{peak - before:.0f} MB)")
+        print(f"polls meanwhile: {len(polls)}, p50 {statistics.median(polls):.1f} ms, "
+              f"p99 {polls[int(len(polls) * 0.99)]:.1f} ms, max {polls[-1]:.1f} ms")
     finally:
         for proc in (proxy, emulator):
             proc.terminate()
