@@ -168,13 +168,10 @@ class TaskEngine:
         try:
             while True:
                 self._wake.clear()
-                news, self._news = self._news, {t for t in self._news if t in self._busy}  # busy: next time
-                for task_id in [*news, *await self._tasks.due(self._clock(), self._settings.batch)]:
-                    if task_id in self._keys and task_id not in self._busy:
-                        self._busy.add(task_id)
-                        step = asyncio.create_task(self._step(task_id))
-                        self._steps.add(step)
-                        step.add_done_callback(self._steps.discard)
+                try:
+                    self._start_steps(await self._tasks.due(self._clock(), self._settings.batch))
+                except Exception:  # the store failed this once: the worker must outlive it
+                    log.exception("task engine could not read due tasks")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.tick)
         finally:
@@ -182,6 +179,16 @@ class TaskEngine:
                 step.cancel()
             if self._steps:
                 await asyncio.wait(list(self._steps))
+
+    def _start_steps(self, due: list[str]) -> None:
+        """A step for each due task (and each with a webhook result) that this process can move."""
+        news, self._news = self._news, {t for t in self._news if t in self._busy}  # busy: next time
+        for task_id in [*news, *due]:
+            if task_id in self._keys and task_id not in self._busy:
+                self._busy.add(task_id)
+                step = asyncio.create_task(self._step(task_id))
+                self._steps.add(step)
+                step.add_done_callback(self._steps.discard)
 
     async def _step(self, task_id: str) -> None:
         try:
