@@ -35,6 +35,14 @@ class Metrics:
                                       ["method", "status"], registry=r)
         self.poll_cache = Counter("upscale_proxy_poll_cache", "direct-path polls by how they were answered",
                                   ["outcome"], registry=r)
+        # the V3 client's circuit breaker (proxy/v3/breaker.py), read at each scrape
+        self.v3_breaker = Gauge("upscale_proxy_v3_breaker_state",
+                                "V3 circuit breaker: 0 closed, 1 half-open (a probe may go), 2 open (calls fail fast)",
+                                registry=r)
+        # proxy/limits.py: submissions shed (code 5) past a limit: bytes | upstream_calls
+        self.limits_refused = Counter("upscale_proxy_limits_refused",
+                                      "V2 submissions refused at once by the process's limits, by limit",
+                                      ["limit"], registry=r)
         self._poll_cache = {outcome: self.poll_cache.labels(outcome) for outcome in ("miss", "shared", "hit")}
         self._max_clients = max_clients
         self._clients: set[str] = set()

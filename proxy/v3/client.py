@@ -6,6 +6,10 @@ place (`_mapped_errors`), and V2 codes are none of its business (the V2 edge map
 Retries: a GET is retried after a connection error or a 5xx, with jittered exponential backoff.
 A POST is retried only when the connection could not be opened at all: once its body may have
 reached the upstream it is never sent again (a second upscale would be a second charge).
+
+Every attempt goes through the client's circuit breaker (`proxy.v3.breaker`): after repeated
+failures that say V3 is down, attempts fail fast with V3Unreachable, without touching the network,
+until a probe call after the cool-down finds V3 back.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
+from proxy.v3.breaker import DOWN_STATUSES, CircuitBreaker
 from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import SubmitReply, TaskResult
 from proxy.v3.payload import UpscaleBody
@@ -54,13 +59,15 @@ def _mapped_errors() -> Iterator[None]:
 
 class V3Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, *, retries: int = 2,
-                 backoff: float = 0.1, observe: Callable[[str, float], None] | None = None) -> None:
+                 backoff: float = 0.1, observe: Callable[[str, float], None] | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._submit_url = URL(f"{self._base}/v3/async/upscale")
         self._retries = retries
         self._backoff = backoff
         self._observe = observe or (lambda call, seconds: None)
+        self.breaker = breaker or CircuitBreaker()  # one per upstream: this client's
 
     async def submit(self, body: UpscaleBody, key: str) -> tuple[str, int]:
         """POST /v3/async/upscale -> (V3 task id, HTTP status)."""
@@ -94,14 +101,20 @@ class V3Client:
         headers = {"Authorization": f"Bearer {key}"}
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
+            ticket = self.breaker.admit()  # open: V3Unreachable now, and nothing is sent
             try:
                 with _mapped_errors():
                     async with self._session.request(method, url, headers=headers, **kwargs) as resp:
                         reply = Reply(resp.status, await resp.read())
-            except V3Unreachable as e:
-                if last or (e.sent and method != "GET"):  # a POST that may have arrived is not re-sent
-                    raise
+            except (V3Unreachable, V3Timeout) as e:
+                self.breaker.record(ticket, down=True)
+                if isinstance(e, V3Timeout) or last or (e.sent and method != "GET"):
+                    raise  # a POST that may have arrived is not re-sent; a timeout is not retried
+            except BaseException:  # cancelled, or a bug: it says nothing about V3
+                self.breaker.abandon(ticket)
+                raise
             else:
+                self.breaker.record(ticket, down=reply.status in DOWN_STATUSES)
                 if method != "GET" or last or reply.status not in RETRY_STATUSES:
                     return reply
             await asyncio.sleep(random.uniform(0, min(self._backoff * 2**attempt, MAX_BACKOFF)))

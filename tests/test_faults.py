@@ -1,0 +1,482 @@
+"""The proxy holds under upstream faults: a matrix of faults, each through a real proxy on loopback
+in front of the V3 emulator (its fault injection) behind tests/fake_upstream.py (the faults the
+emulator can't make). Each fault gets its V2 answer, and the tasks accepted before it are answered
+correctly once it has passed. Then the circuit breaker: through the proxy, and on its own clock."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+from proxy.compose.task import is_composed_id
+from proxy.emulator.app import Emulator
+from proxy.v3.breaker import BreakerState, CircuitBreaker
+from proxy.v3.errors import V3Unreachable
+from tests.fake_upstream import FakeUpstream, Fault
+from tests.helpers import free_port, poll_until_done, upscale, v2_call
+from tests.images import encode, pattern
+
+MiB = 1024 * 1024
+# a direct task (one V3 job is the answer) and a composed one (a V3 job, then a local crop)
+DIRECT = {"upscaler_1": "R-ESRGAN 4x+ Anime6B", "resize_mode": 0, "upscaling_resize": 2}
+COMPOSED = {"upscaler_1": "4x-UltraSharp", "resize_mode": 1, "upscaling_resize_w": 30,
+            "upscaling_resize_h": 20, "upscaling_crop": True}
+
+
+def body(fields: dict) -> dict:
+    return {"image": base64.b64encode(encode(pattern(12, 9))).decode(), **fields}
+
+
+async def poll(client: TestClient, task_id: str) -> dict:
+    return await v2_call(client, "GET", f"/v2/progress?task_id={task_id}")
+
+
+@dataclass
+class Env:
+    """A proxy in front of a FakeUpstream relaying to an emulator, all on loopback."""
+
+    client: TestClient
+    fake: FakeUpstream
+    emu: Emulator
+
+    async def accept_tasks(self) -> tuple[str, str]:
+        """Submit a direct and a composed task. -> (their V2 task ids)"""
+        ids = []
+        for fields in (DIRECT, COMPOSED):
+            reply = await upscale(self.client, body(fields))
+            assert reply["code"] == 0, reply
+            ids.append(reply["data"]["task_id"])
+        assert not is_composed_id(ids[0]) and is_composed_id(ids[1])
+        return ids[0], ids[1]
+
+    async def finish(self, task_ids: tuple[str, ...]) -> None:
+        """Each task ends with its image, which downloads."""
+        await asyncio.gather(*(self._finish(task_id) for task_id in task_ids))
+
+    async def _finish(self, task_id: str) -> None:
+        data = await poll_until_done(self.client, task_id)
+        assert data["status"] == 2 and data["failed_reason"] == "", data
+        async with self.client.session.get(data["imgs"][0]) as resp:
+            assert resp.status == 200 and resp.content_type == "image/png"
+
+
+@pytest.fixture
+async def make_fake() -> AsyncIterator[Callable[[str], Awaitable[FakeUpstream]]]:
+    fakes: list[FakeUpstream] = []
+
+    async def make(target: str) -> FakeUpstream:
+        fakes.append(await FakeUpstream(target).start())
+        return fakes[-1]
+
+    yield make
+    for fake in fakes:
+        await fake.close()
+
+
+@pytest.fixture
+def start_env(start_emulator, start_proxy, make_fake) -> Callable[..., Awaitable[Env]]:
+    async def start(image_hosts: tuple[str, ...] = (), **settings) -> Env:
+        server, emu = await start_emulator(queue_delay=0.1, process_delay=0.2)
+        fake = await make_fake(str(server.make_url("")))
+        # V3's image URLs are the emulator's, behind the fake: another port of the upstream's host
+        hosts = [f"127.0.0.1:{server.port}", *image_hosts]
+        client = await start_proxy(fake.url, **{"upstream_retries": 2, "upstream_timeout": 5,
+                                                "image_hosts": hosts, **settings})
+        return Env(client, fake, emu)
+
+    return start
+
+
+# --- the fault matrix: V3-facing faults ---------------------------------------------------------
+
+Step = Callable[[Env], Awaitable[None] | None]
+
+
+def emulate(**faults) -> Step:
+    """Set emulator fault injection (and count injections from now)."""
+
+    def step(env: Env) -> None:
+        env.emu.injected = 0
+        for name, value in faults.items():
+            setattr(env.emu.settings, name, value)
+
+    return step
+
+
+def upstream_fault(fault: Fault) -> Step:
+    """Set a fault of the fake upstream."""
+
+    def step(env: Env) -> None:
+        env.fake.fault = fault
+
+    return step
+
+
+def healthy(env: Env) -> None:
+    emulate(latency=0, error_reason=None, error_limit=None, error_endpoints=["submit", "result"])(env)
+    env.fake.fault = Fault.NONE
+
+
+async def port_closed(env: Env) -> None:
+    await env.fake.down()
+
+
+async def port_open(env: Env) -> None:
+    await env.fake.up()
+    healthy(env)
+
+
+@dataclass(frozen=True)
+class Case:
+    fault: Step
+    poll: tuple[int, str]  # (code, words in msg) of a poll of an accepted task during the fault
+    submit: tuple[int, str]  # the same, of an upscale
+    posts: int  # how many times that upscale reached the upstream: never more than once
+    heal: Step = healthy
+    settings: dict = field(default_factory=dict)
+    poll_calls: int = 1  # at least this many calls reached the upstream for the poll (the engine's count too)
+
+
+OK = (0, "")
+CONNECT = (5, "upstream unreachable: could not connect to V3")
+BROKE = (5, "upstream unreachable: the connection to V3 broke before its reply was read")
+SLOW = (9, "upstream did not answer in time")
+RATE_LIMITED = (5, "(V3 rate limit reached (HTTP 429); V2 has no code for it, retry later)")
+UNAVAILABLE_503 = (5, "upstream error: SERVICE_NOT_AVAILABLE")
+GATEWAY_504 = (9, "upstream error: HTTP 504")
+UNREADABLE = (-1, "upstream sent a reply the proxy cannot read")
+CASES = {
+    "upstream down (port closed)": Case(port_closed, heal=port_open, poll=CONNECT, submit=CONNECT, posts=0,
+                                        poll_calls=0),
+    "upstream hangs past the timeout": Case(emulate(latency=1.0), poll=SLOW, submit=SLOW, posts=1,
+                                            settings={"upstream_timeout": 0.3}),
+    "5xx burst on polls (a GET recovers)": Case(
+        emulate(error_reason="SERVICE_NOT_AVAILABLE", error_limit=2, error_endpoints=["result"]),
+        poll=OK, submit=OK, posts=1, poll_calls=3),
+    "5xx burst on submissions (a POST is not re-sent)": Case(
+        emulate(error_reason="SERVICE_NOT_AVAILABLE", error_limit=1, error_endpoints=["submit"]),
+        poll=OK, submit=UNAVAILABLE_503, posts=1),
+    "rate limited (429)": Case(emulate(error_reason="RATE_LIMIT_EXCEEDED"), poll=RATE_LIMITED,
+                               submit=RATE_LIMITED, posts=1),
+    "a gateway's HTML error page (504)": Case(emulate(error_reason="GATEWAY_TIMEOUT"), poll=GATEWAY_504,
+                                              submit=GATEWAY_504, posts=1),
+    "malformed JSON in a 200": Case(upstream_fault(Fault.MALFORMED_JSON), poll=UNREADABLE, submit=UNREADABLE,
+                                    posts=1),
+    "connection reset mid-reply": Case(upstream_fault(Fault.RESET_MID_REPLY), poll=BROKE, submit=BROKE, posts=1),
+    "connections reset as they open": Case(upstream_fault(Fault.RESET), poll=BROKE, submit=BROKE, posts=0,
+                                           poll_calls=0),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+async def test__fault__gets_its_v2_answer_and_tasks_accepted_before_it_finish_after_it(start_env, case: Case):
+    # the breaker is off here, so that each fault's own answer shows (the breaker's tests are below)
+    env = await start_env(breaker_failures=0, **case.settings)
+    direct, composed = await env.accept_tasks()
+    fake, before = env.fake, env.fake.calls.copy()
+
+    await maybe(case.fault(env))
+    during = await poll(env.client, direct)  # first: a transient fault must meet this call
+    assert (during["code"], case.poll[1] in during["msg"]) == (case.poll[0], True), during
+    assert fake.calls["result"] - before["result"] >= case.poll_calls
+    posts = fake.calls["submit"]
+    reply = await upscale(env.client, body(DIRECT))
+    assert (reply["code"], case.submit[1] in reply["msg"]) == (case.submit[0], True), reply
+    assert fake.calls["submit"] - posts == case.posts
+    for answer in (during, reply):  # no address, no aiohttp wording
+        assert str(fake.port) not in answer["msg"] and "Client" not in answer["msg"]
+
+    await maybe(case.heal(env))
+    await env.finish((direct, composed, *await env.accept_tasks()))
+
+
+async def maybe(result: Awaitable[None] | None) -> None:
+    if result is not None:
+        await result
+
+
+# --- the fault matrix: composed tasks and the image URLs V3 gives -------------------------------
+
+def bomb_png() -> bytes:
+    """A PNG header claiming 30000 x 30000 pixels, and no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+async def bad_images(aiohttp_server) -> str:
+    """An image host on loopback, each path prefix a fault."""
+    async def missing(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="no such image")
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query.get("to", "/"))
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"\0" * (MiB + 1), content_type="image/png")
+
+    async def huge_unannounced(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})  # chunked: no Content-Length
+        await resp.prepare(request)
+        for _ in range(5):
+            await resp.write(b"\0" * (MiB // 4))
+        return resp
+
+    async def bomb(request: web.Request) -> web.Response:
+        return web.Response(body=bomb_png(), content_type="image/png")
+
+    app = web.Application()
+    for prefix, handler in [("missing", missing), ("moved", moved), ("huge", huge),
+                            ("huge-unannounced", huge_unannounced), ("bomb", bomb)]:
+        app.router.add_get(f"/{prefix}/{{tail:.*}}", handler)
+    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+
+IMAGE_CASES = {  # where V3's image URLs point -> words of the composed task's failed_reason
+    "404": ("{images}/missing", "image fetch answered HTTP 404"),
+    "a redirect (to the real image)": ("{images}/moved", "image fetch answered HTTP 302"),
+    "another host": ("http://localhost:{upstream_port}", "image host 'localhost' is not allowed"),
+    "another port of an allowed host": ("http://127.0.0.1:{other_port}", "is not an allowed origin"),
+    "an allowed origin, down": ("{allowed_but_closed}", "image fetch failed: no connection"),
+    "over the fetch cap": ("{images}/huge", f"image is over {MiB} bytes"),
+    "over the fetch cap, no Content-Length": ("{images}/huge-unannounced", f"image is over {MiB} bytes"),
+    "a decompression bomb's header": ("{images}/bomb", "pixels"),
+}
+
+
+@pytest.mark.parametrize(("where", "reason"), IMAGE_CASES.values(), ids=IMAGE_CASES.keys())
+async def test__bad_image_url__ends_the_composed_task_with_status_3_and_a_reason(start_env, bad_images,
+                                                                                  where, reason):
+    closed = free_port()
+    env = await start_env(image_max_mb=1, image_hosts=(URL(bad_images).raw_authority, f"127.0.0.1:{closed}"))
+    direct, composed = await env.accept_tasks()
+
+    env.fake.point_images_at(where.format(images=bad_images, upstream_port=env.fake.port, other_port=free_port(),
+                                          allowed_but_closed=f"http://127.0.0.1:{closed}"))
+    reply = await upscale(env.client, body(COMPOSED))
+    task_id = reply["data"]["task_id"]
+    data = await poll_until_done(env.client, task_id)
+    assert (data["status"], data["imgs"]) == (3, None) and reason in data["failed_reason"], data
+    assert "127.0.0.1" not in data["failed_reason"] and "Client" not in data["failed_reason"]
+    assert (await poll(env.client, task_id))["data"]["failed_reason"] == data["failed_reason"]  # it stays
+
+    env.fake.point_images_at(None)
+    await env.finish((direct, composed, *await env.accept_tasks()))
+
+
+# --- the circuit breaker, through the proxy -----------------------------------------------------
+
+UNAVAILABLE = "upstream unreachable: V3 is unavailable, retry in"
+
+
+async def breaker_gauge(client: TestClient) -> float:
+    async with client.get("/metrics") as resp:
+        line = next(x for x in (await resp.text()).splitlines() if x.startswith("upscale_proxy_v3_breaker_state "))
+    return float(line.split()[1])
+
+
+async def through_the_breaker(client: TestClient, task_id: str) -> dict:
+    """Poll until the breaker lets a call through (a probe of the engine's may be out)."""
+    for _ in range(100):
+        reply = await poll(client, task_id)
+        if not reply["msg"].startswith(UNAVAILABLE):
+            return reply
+        await asyncio.sleep(0.05)
+    raise AssertionError("the breaker never closed")
+
+
+async def test__breaker__opens_after_n_failures_then_answers_code_5_without_connecting(start_env):
+    env = await start_env(upstream_retries=0, breaker_failures=3, breaker_cooldown=0.3)
+    reply = await upscale(env.client, body(DIRECT))  # no composed task: the engine makes no call
+    direct, fake = reply["data"]["task_id"], env.fake
+    fake.fault = Fault.RESET  # it counts the connections it accepts, and resets each
+    fake.drop_connections()  # none kept alive from before: each call must connect
+    await asyncio.sleep(0.05)
+    accepts = fake.accepts
+
+    for _ in range(3):  # upscales: aiohttp itself tries a GET twice on a reset, never a POST
+        reply = await upscale(env.client, body(DIRECT))
+        assert reply["code"] == 5 and "broke" in reply["msg"], reply
+    assert fake.accepts - accepts == 3
+    assert await breaker_gauge(env.client) == BreakerState.OPEN
+
+    for call in [lambda: poll(env.client, direct), lambda: upscale(env.client, body(DIRECT))] * 3:
+        reply = await call()
+        assert reply["code"] == 5 and UNAVAILABLE in reply["msg"], reply
+    assert fake.accepts - accepts == 3  # failed fast: no connection tried
+
+    await asyncio.sleep(0.35)  # the cool-down; V3 is still down: the probe fails, it opens again
+    reply = await upscale(env.client, body(DIRECT))
+    assert reply["code"] == 5 and "broke" in reply["msg"]
+    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)
+    assert fake.accepts - accepts == 4
+
+    fake.fault = Fault.NONE
+    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)  # still cooling down
+    await asyncio.sleep(0.35)
+    assert await breaker_gauge(env.client) == BreakerState.HALF_OPEN
+    assert (await poll(env.client, direct))["code"] == 0  # the probe: V3 answers, it closes
+    assert await breaker_gauge(env.client) == BreakerState.CLOSED
+    await env.finish((direct,))
+
+
+async def test__breaker__on_a_closed_port__composed_tasks_wait_it_out_and_finish(start_env, log_lines):
+    env = await start_env(upstream_retries=0, breaker_failures=2, breaker_cooldown=0.2)
+    direct, composed = await env.accept_tasks()
+    await env.fake.down()
+    for _ in range(2):
+        assert "could not connect" in (await poll(env.client, direct))["msg"]
+    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)
+    data = (await poll(env.client, composed))["data"]  # a composed task answers from its store
+    assert data["status"] in (0, 1)
+    await asyncio.sleep(0.3)  # the engine meets the open breaker (and may probe), and waits
+    await env.fake.up()
+    assert (await through_the_breaker(env.client, direct))["code"] == 0
+    await env.finish((direct, composed))
+    waits = [line["why"] for line in log_lines if line["event"] == "task waits for V3"]
+    assert any("V3 is unavailable" in why for why in waits), waits
+
+
+@pytest.mark.parametrize("reason", ["RATE_LIMIT_EXCEEDED", "INVALID_API_KEY", "TASK_NOT_FOUND"])
+async def test__breaker__answers_from_v3_never_open_it(start_env, reason):
+    env = await start_env(upstream_retries=0, breaker_failures=2)
+    emulate(error_reason=reason, error_endpoints=["result"])(env)
+    for _ in range(5):
+        reply = await poll(env.client, str(uuid.uuid4()))
+        assert reply["code"] in (3, 4, 5) and reason in reply["msg"], reply
+    assert await breaker_gauge(env.client) == BreakerState.CLOSED
+
+
+async def test__breaker__timeouts_open_it(start_env):
+    env = await start_env(upstream_retries=0, upstream_timeout=0.2, breaker_failures=2, breaker_cooldown=5)
+    emulate(latency=1.0)(env)
+    answers = [(await poll(env.client, str(uuid.uuid4())))["code"] for _ in range(3)]
+    assert answers == [9, 9, 5]
+
+
+# --- the circuit breaker, on its own clock ------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+    for _ in range(times):
+        breaker.record(breaker.admit(), down=True)
+
+
+def test__breaker__opens_after_n_failures_in_a_row_and_refuses_naming_the_wait():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=3, cooldown=10, window=30, clock=clock)
+    fail(breaker, 2)
+    assert breaker.state == BreakerState.CLOSED
+    fail(breaker)
+    assert breaker.state == BreakerState.OPEN
+    clock.now += 2.5
+    with pytest.raises(V3Unreachable) as e:
+        breaker.admit()
+    assert e.value.sent is False
+    assert str(e.value) == "V3 is unavailable, retry in 8 s (calls to it are paused after 3 failures in a row)"
+
+
+def test__breaker__an_answer_between_failures_resets_the_count():
+    breaker = CircuitBreaker(failures=3, clock=Clock())
+    fail(breaker, 2)
+    breaker.record(breaker.admit(), down=False)
+    fail(breaker, 2)
+    assert breaker.state == BreakerState.CLOSED
+
+
+def test__breaker__failures_spread_over_more_than_the_window_do_not_open_it():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=3, window=30, clock=clock)
+    for _ in range(5):
+        fail(breaker)
+        clock.now += 20
+    assert breaker.state == BreakerState.CLOSED
+
+
+def test__breaker__after_the_cool_down__one_probe_goes_and_its_answer_closes_it():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    fail(breaker)
+    clock.now += 10
+    assert breaker.state == BreakerState.HALF_OPEN
+    probe = breaker.admit()
+    with pytest.raises(V3Unreachable):  # only one probe at a time
+        breaker.admit()
+    breaker.record(probe, down=False)
+    assert breaker.state == BreakerState.CLOSED
+    breaker.admit()
+
+
+def test__breaker__a_failed_probe_opens_it_for_another_cool_down():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    fail(breaker)
+    clock.now += 10
+    fail(breaker)
+    assert breaker.state == BreakerState.OPEN
+    clock.now += 9
+    with pytest.raises(V3Unreachable):
+        breaker.admit()
+    clock.now += 1
+    assert breaker.state == BreakerState.HALF_OPEN
+
+
+def test__breaker__an_abandoned_probe_lets_the_next_call_probe():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    fail(breaker)
+    clock.now += 10
+    breaker.abandon(breaker.admit())  # e.g. the caller was cancelled
+    breaker.record(breaker.admit(), down=False)
+    assert breaker.state == BreakerState.CLOSED
+
+
+def test__breaker__calls_let_through_before_it_opened_do_not_count():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=2, cooldown=10, clock=clock)
+    early, late = breaker.admit(), breaker.admit()
+    fail(breaker, 2)
+    breaker.record(early, down=False)  # a slow call, answered after the breaker opened: not a probe
+    assert breaker.state == BreakerState.OPEN
+    clock.now += 10
+    breaker.record(breaker.admit(), down=False)
+    breaker.record(late, down=True)  # and a failure from before the last opening: not counted
+    fail(breaker)
+    assert breaker.state == BreakerState.CLOSED
+
+
+def test__breaker__with_zero_failures__never_opens():
+    breaker = CircuitBreaker(failures=0, clock=Clock())
+    fail(breaker, 100)
+    assert breaker.state == BreakerState.CLOSED
+
+
+async def test__a_later_pass_whose_submission_may_have_reached_v3__is_not_sent_twice(start_env):
+    """The reply to the second pass's POST breaks after V3 read it: the job may exist (and be
+    charged), so the task ends saying so rather than submitting it again."""
+    env = await start_env()
+    reply = await upscale(env.client, body({"upscaler_1": "4x-UltraSharp", "upscaling_resize": 6}))
+    env.fake.fault, env.fake.fault_on = Fault.RESET_MID_REPLY, frozenset({"submit"})
+    data = await poll_until_done(env.client, reply["data"]["task_id"])
+    assert data["status"] == 3 and "not sent again" in data["failed_reason"]
+    assert env.fake.calls["submit"] == 2  # the first pass, and the second once
