@@ -3,6 +3,16 @@
 One line per request comes from the V2 middleware; aiohttp's own access log is off. JSON lines
 are written without a flush each (a syscall per request is a measurable share of a poll's cost);
 `flush_periodically` in the app flushes them within half a second, and at shutdown.
+
+Audit events (`v2.deprecated_call`) are written whatever the level: `--log-level warning` quiets
+the rest, never the audit trail. Every other event goes through `redact`, so a bearer token in
+what a library or upstream said never reaches the log.
+
+Libraries log through stdlib logging (aiohttp's server errors, asyncio's). Those records go through
+`LibraryLogs`: one short line each, through the same renderer, without the exception's text or
+traceback (a malformed request's exception quotes the raw header bytes, keys included), and at
+most `LIBRARY_LINES` lines per `LIBRARY_WINDOW` seconds, then one line counting the ones left out:
+a client sending garbage can't flood the log.
 """
 
 from __future__ import annotations
@@ -10,19 +20,30 @@ from __future__ import annotations
 import asyncio
 import atexit
 import io
+import ipaddress
 import logging
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+import traceback
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
+from pathlib import PurePath
 from typing import Any, BinaryIO, Literal
 
 import orjson
 import structlog
 
+from proxy.audit import EVENT as AUDIT_EVENT
+from proxy.translate.errors import redact
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FLUSH_EVERY = 0.5
+ALWAYS_WRITTEN = frozenset({AUDIT_EVENT})  # info events written at any level
+LIBRARY_LINES = 20  # library log lines per window, at most
+LIBRARY_WINDOW = 10.0  # seconds
 _stream: BinaryIO | None = None
+_library: LibraryLogs | None = None
 
 
 def _timestamp(_logger: object, _name: str, event: dict) -> dict:
@@ -52,15 +73,16 @@ class _LineLogger:
 
 def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info",
               stream: BinaryIO | None = None, cache: bool = True) -> None:
-    """Configure structlog process-wide; `stream` (binary) defaults to stdout, buffered.
+    """Configure structlog and stdlib logging process-wide; `stream` (binary) defaults to stdout,
+    buffered.
 
     `cache=False` lets a later call (tests) reconfigure loggers that were already used.
     """
-    global _stream
+    global _stream, _library
     console = fmt == "console" or (fmt == "auto" and (stream or sys.stdout).isatty())
     processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
     if console:  # for people: each line at once
-        processors.append(structlog.dev.ConsoleRenderer())
+        processors += [_redacted, structlog.dev.ConsoleRenderer()]
         text = sys.stdout if stream is None else io.TextIOWrapper(stream, write_through=True)
         factory: Any = structlog.PrintLoggerFactory(text)
     else:
@@ -72,20 +94,158 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
         _stream = stream
         processors += [
             structlog.processors.format_exc_info,
+            _redacted,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        factory = lambda *_: _LineLogger(stream)  # noqa: E731
+        factory = lambda *_: _LineLogger(stream)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        wrapper_class=_wrapper_class(LEVELS[level]),
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-    # libraries that use stdlib logging (aiohttp's server errors) go to stderr, warnings and up
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+    # libraries that use stdlib logging (aiohttp's server errors, asyncio's): one short line each
+    _library = LibraryLogs(max(logging.WARNING, LEVELS[level]))
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    root.addHandler(_library)
+    root.setLevel(_library.level)
+
+
+@lru_cache
+def _wrapper_class(min_level: int) -> type:
+    """structlog's filtering logger for `min_level`, except that the events in ALWAYS_WRITTEN are
+    written whatever the level (at info, the level they are logged at)."""
+    base = structlog.make_filtering_bound_logger(min_level)
+    if min_level <= logging.INFO:
+        return base
+
+    def info(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+        if event in ALWAYS_WRITTEN:
+            return self._proxy_to_logger("info", event, **kw)
+        return None
+
+    return type(f"{base.__name__}KeepingAudit", (base,), {"info": info, "msg": info})
+
+
+def _redacted(_logger: object, _name: str, event: dict) -> dict:
+    """No bearer token in a line, whatever a library or upstream put in it. The audit event, one
+    per request, is made of the proxy's own fields and already redacted text: it is left alone."""
+    if event.get("event") in ALWAYS_WRITTEN:
+        return event
+    for name, value in event.items():
+        if isinstance(value, str):
+            event[name] = redact(value)
+    return event
+
+
+class LibraryLogs(logging.Handler):
+    """stdlib log records -> one short structlog line each, rate-limited.
+
+    A line keeps the logger's name, the message's template with only numbers and IP addresses put
+    in, the exception's class, its HTTP status and the first words of its reason when it is one of
+    aiohttp's HTTP errors, and where it was raised (file:line, no values). It never keeps the
+    exception's text nor its traceback, which may quote a request's bytes (an Authorization header).
+    """
+
+    def __init__(self, level: int = logging.WARNING, max_lines: int = LIBRARY_LINES,
+                 window: float = LIBRARY_WINDOW, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(level)
+        self._max, self._window, self._clock = max_lines, window, clock
+        self._since = -float("inf")
+        self._written = 0
+        self._suppressed = 0
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            self._roll()
+            if self._written >= self._max:
+                self._suppressed += 1
+                return
+            self._written += 1
+        try:
+            fields = _library_fields(record)
+        except Exception:  # noqa: BLE001 (a line that can't be made safely is cut to the logger name)
+            fields = {"logger": record.name}
+        structlog.get_logger("library").log(_level(record.levelno), fields.pop("event", "library log"), **fields)
+
+    def flush(self) -> None:
+        """Write the count of suppressed lines once their window is over."""
+        with self._guard:
+            self._roll()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass  # logging's own report prints the record's message and arguments to stderr
+
+    def _roll(self) -> None:
+        now = self._clock()
+        if now - self._since < self._window:
+            return
+        if self._suppressed:
+            structlog.get_logger("library").log(
+                _level(self.level), "library log lines suppressed", suppressed=self._suppressed,
+                window_s=self._window)
+        self._since, self._written, self._suppressed = now, 0, 0
+
+
+def _level(levelno: int) -> int:
+    """A standard level (structlog knows no other), at least the handler's own."""
+    return min(max(levelno // 10 * 10, logging.DEBUG), logging.CRITICAL)
+
+
+def _library_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {"event": _template(record), "logger": record.name}
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        fields["error"] = type(exc).__qualname__
+        code = getattr(exc, "code", None)
+        if isinstance(code, int) and not isinstance(code, bool):
+            fields["status"] = code
+        message = getattr(exc, "message", None)
+        if isinstance(message, str) and type(exc).__module__.startswith("aiohttp"):
+            fields["reason"] = _first_words(message)
+        frames = traceback.extract_tb(exc.__traceback__)[-3:]
+        fields["where"] = " < ".join(
+            f"{'/'.join(PurePath(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in reversed(frames))
+    return fields
+
+
+def _template(record: logging.LogRecord) -> str:
+    """The first line of the message, with only numbers and IP addresses as its arguments."""
+    template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    if record.args and isinstance(record.args, tuple):
+        try:
+            template = template % tuple(_safe_arg(a) for a in record.args)
+        except (TypeError, ValueError):
+            pass
+    return template.split("\n", 1)[0][:200]
+
+
+def _safe_arg(value: object) -> object:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+    return "..."
+
+
+def _first_words(message: str) -> str:
+    """`Invalid header value char` of `Invalid header value char:\n\n  b'Authorization: ...'`: the
+    words before anything quoted."""
+    words = message.split("\n", 1)[0]
+    for stop in (":", "'", '"', "b'", "\\"):
+        words = words.split(stop, 1)[0]
+    return words.strip()[:80]
 
 
 def flush() -> None:
+    if _library is not None:
+        _library.flush()
     if _stream is not None:
         _stream.flush()
 

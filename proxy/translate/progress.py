@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from proxy.errors import V2Status
+from proxy.translate.errors import redact
 from proxy.v3.models import TaskResult
 
 
@@ -65,8 +66,10 @@ def v2_progress(*, status: int, progress: float, eta: float, imgs: list[str] | N
     }
 
 
-def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int | None = None) -> dict:
-    """A V3 task result as V2 progress (the direct path)."""
+def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int | None = None,
+                  key: str | None = None) -> dict:
+    """A V3 task result as V2 progress (the direct path); `key`, the caller's, is scrubbed from what
+    V3 wrote (its failure reason)."""
     status = status_table.get(result.task.status, 1)  # unknown: still running
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     times = result.extra.debug_info
@@ -77,7 +80,7 @@ def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int 
         progress=_progress(status, result, now_ms),
         eta=0 if V2Status(status).final else _number(max(result.task.eta, 0)),
         imgs=[img.image_url for img in images] if status == 2 else None,
-        failed_reason=result.task.reason if status == 3 else "",
+        failed_reason=redact(result.task.reason, key) if status == 3 else "",
         submit_ms=times.submit_time_ms, execution_ms=times.execute_time_ms, finish_ms=times.complete_time_ms,
         nsfw=nsfw,
         nsfw_results=[

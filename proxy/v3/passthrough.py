@@ -1,9 +1,14 @@
 """V3 pass-through: `/v3/*` forwarded to the upstream unchanged, streamed both ways, so clients can
-move one call at a time to V3 without changing their base URL."""
+move one call at a time to V3 without changing their base URL.
+
+One exception: an error reply (4xx, 5xx) is small, and V3's words may echo the key they were sent,
+so it is read whole (up to MAX_ERROR_BODY) and sent on with the key scrubbed (`redact`).
+"""
 
 from __future__ import annotations
 
 import time
+import zlib
 
 import aiohttp
 import orjson
@@ -13,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.keys import METRICS, SESSION, UPSTREAM_URL
+from proxy.translate.errors import redact
 
 # RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
 HOP_BY_HOP = frozenset({
@@ -20,6 +26,7 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade", "host",
 })
 CHUNK = 64 * 1024
+MAX_ERROR_BODY = 256 * 1024  # an error reply longer than this is replaced by the proxy's own
 log = structlog.get_logger("proxy")
 
 
@@ -33,12 +40,52 @@ def _error(status: int, reason: str, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def _caller_key(request: web.Request) -> str | None:
+    """The key as the client sent it (Bearer, bare, or X-Omni-Key), to scrub from what comes back."""
+    header = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = header.partition(" ")
+    key = rest.strip() if scheme.lower() == "bearer" else header
+    return key or request.headers.get("X-Omni-Key", "").strip() or None
+
+
+async def _scrubbed_error(upstream: aiohttp.ClientResponse, key: str | None) -> web.Response:
+    """An upstream error reply, read whole and sent on without the caller's key; one too long to
+    read, or in an encoding the proxy can't read, is replaced by the proxy's own error body."""
+    raw = bytearray()
+    async for chunk in upstream.content.iter_chunked(CHUNK):
+        raw += chunk
+        if len(raw) > MAX_ERROR_BODY:
+            break
+    headers = _end_to_end(upstream.headers)
+    headers.popall("Content-Length", None)
+    encoding = headers.popall("Content-Encoding", ["identity"])[-1].strip().lower()
+    body = _decoded(bytes(raw), encoding)
+    reason = redact(upstream.reason or "", key) or None
+    if body is None:
+        return _error(upstream.status, "UPSTREAM_ERROR", "the upstream's error reply could not be passed on")
+    return web.Response(status=upstream.status, reason=reason, headers=headers,
+                        body=redact(body.decode("latin-1"), key).encode("latin-1"))  # byte for byte, but the key
+
+
+def _decoded(body: bytes, encoding: str) -> bytes | None:
+    """The body as sent before its Content-Encoding; None if too long, or not gzip nor deflate."""
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        try:
+            body = zlib.decompressobj(wbits=47).decompress(body, MAX_ERROR_BODY + 1)  # gzip or zlib header
+        except zlib.error:
+            return None
+    elif encoding != "identity":
+        return None
+    return body if len(body) <= MAX_ERROR_BODY else None
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     url = URL(app[UPSTREAM_URL] + request.rel_url.raw_path_qs, encoded=True)  # bytes as the client sent them
     body = request.content if request.body_exists else None
     started = time.perf_counter()
+    key = _caller_key(request)
     response: web.StreamResponse | None = None
     metrics.in_flight.inc()
     try:
@@ -47,19 +94,22 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             auto_decompress=False, allow_redirects=False,
         ) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=_end_to_end(upstream.headers))
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
+            if upstream.status >= 400:
+                response = await _scrubbed_error(upstream, key)
+            else:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                              headers=_end_to_end(upstream.headers))
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+                await response.write_eof()
     except (TimeoutError, aiohttp.ClientError) as e:
         if response is not None and response.prepared:
             raise  # mid-stream: nothing sane left to send; the connection is closed
         # aiohttp's words name the upstream's address: for the log, not for the client
-        log.warning("v3 pass-through failed", method=request.method, path=request.path, detail=repr(e))
+        log.warning("v3 pass-through failed", method=request.method, path=request.path, detail=redact(repr(e), key))
         if isinstance(e, TimeoutError):
             response = _error(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time")
         else:
