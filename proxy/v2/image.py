@@ -60,6 +60,8 @@ def probe(text: memoryview | bytes) -> tuple[ImageInfo, memoryview | bytes]:
         raise _bad(f"is not an image in a supported format ({', '.join(FORMATS)})")
     if info.width > V3_MAX_SIDE or info.height > V3_MAX_SIDE:
         raise _bad(f"is {info.width}x{info.height}, over the {V3_MAX_SIDE}x{V3_MAX_SIDE} V3 accepts")
+    if why := _cut_short(info.format, text, head, nbytes):
+        raise _bad(f"is cut short: {why}")
     return info, text
 
 
@@ -80,6 +82,12 @@ def _validate(text: memoryview | bytes) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return head
+
+
+def _decoded(text: memoryview | bytes, at: int, n: int) -> bytes:
+    """Bytes `at`..`at + n` of what valid base64 text decodes to, decoding only the groups holding them."""
+    first = at // 3 * 4
+    return pybase64.b64decode(text[first:(at + n + 2) // 3 * 4])[at % 3:at % 3 + n]
 
 
 def _repair(text: memoryview | bytes) -> bytes:
@@ -120,6 +128,43 @@ def _png_chunk_before_pixels(data: bytes, kind: bytes) -> bool | None:
         if name == b"IDAT":
             return False
         at += 12 + length
+    return None
+
+
+# The ends that containers declare, checked without decoding pixels: an image whose data stops
+# short fails V3 and the composer alike, so it is refused here where that is certain. (A JPEG or a
+# GIF with no end marker often decodes whole, and what follows the end marker may be anything.)
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_MAX_PNG_CHUNKS = 4096  # chunks walked before giving up (a PNG of 8 KiB IDATs at 30 MB has ~3700)
+
+
+def _cut_short(fmt: str, text: memoryview | bytes, head: bytes, nbytes: int) -> str | None:
+    """How the data ends before the image does, where its container tells; else None."""
+    if fmt == "PNG":
+        return _png_cut_short(text, nbytes)
+    if fmt == "WEBP" and head[:4] == b"RIFF":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        if nbytes < declared:
+            return f"{nbytes} of the {declared} bytes its RIFF header declares"
+    return None
+
+
+def _png_cut_short(text: memoryview | bytes, nbytes: int) -> str | None:
+    if nbytes >= 20 and _decoded(text, nbytes - 12, 12) == _IEND:
+        return None  # ends as a PNG ends
+    at, pixels = 8, False
+    for _ in range(_MAX_PNG_CHUNKS):
+        if at == nbytes:  # after whole chunks: pixels all there but for the IEND chunk, or not
+            return None if pixels else "a PNG with no pixel data (IDAT)"
+        if at + 8 > nbytes:
+            return None if pixels else "the PNG ends inside a chunk header, before any pixel data"
+        length, kind = struct.unpack(">I4s", _decoded(text, at, 8))
+        if kind == b"IEND" or (pixels and kind != b"IDAT"):
+            return None  # the pixel data is whole
+        pixels = pixels or kind == b"IDAT"
+        at += 12 + length
+        if at > nbytes:
+            return f"the PNG ends inside its {kind.decode('latin-1')!r} chunk"
     return None
 
 
