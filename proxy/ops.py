@@ -1,6 +1,10 @@
-"""Operations and migration endpoints: /healthz, /readyz, /metrics, /_proxy/guide, /_proxy/translate."""
+"""Operations and migration endpoints: /healthz, /readyz, /metrics, /_proxy/guide, /_proxy/translate,
+/_proxy/openapi.json."""
 
 from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -8,8 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
-from proxy.keys import MAPPINGS, METRICS, READINESS, TRANSLATOR
+from proxy.keys import MAPPINGS, METRICS, READINESS, TRANSLATOR, WEBHOOKS
 from proxy.v2.reply import v2_reply
+
+# the proxy's own HTTP surface, kept by hand beside the code (tests/test_openapi.py holds them together)
+OPENAPI = Path(__file__).with_name("openapi.json")
 
 
 def _json(doc: dict, status: int = 200) -> web.Response:
@@ -41,3 +48,17 @@ async def translate(request: web.Request) -> web.Response:
         return v2_reply(data=request.app[TRANSLATOR].preview(await request.read()))
     except V2Error as e:
         return v2_reply(e.code, e.msg)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this proxy, without the paths a setting turned off."""
+    return web.Response(body=openapi_document(WEBHOOKS in request.app), content_type="application/json")
+
+
+@cache
+def openapi_document(webhooks: bool) -> bytes:
+    doc = orjson.loads(OPENAPI.read_bytes())
+    enabled = {"UPSCALE_PROXY_WEBHOOKS": webhooks}
+    doc["paths"] = {path: item for path, item in doc["paths"].items()
+                    if enabled.get(item.get("x-enabled-by"), True)}
+    return orjson.dumps(doc)

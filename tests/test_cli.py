@@ -32,7 +32,8 @@ def running(*args: str, port: int, env: dict | None = None):
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         data = tempfile.mkdtemp(prefix="proxy-data-")
         proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=out, stderr=err,
-                                env={**os.environ, "UPSCALE_PROXY_DATA_DIR": data, **(env or {})})
+                                env={**os.environ, "UPSCALE_PROXY_DATA_DIR": data,
+                                     "UPSCALE_PROXY_DRAIN_DELAY": "0", **(env or {})})
         result = Process()
         try:
             for _ in range(200):
