@@ -26,6 +26,7 @@ bench: install
 	tests/bench/run.sh
 	$(VENV)/bin/python tests/bench/compose.py
 	$(VENV)/bin/python tests/bench/polls.py
+	$(VENV)/bin/python tests/bench/load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

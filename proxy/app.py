@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy import __version__, logs, mappings, ops, webhooks
 from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
-from proxy.compose.fetch import ImageFetcher
+from proxy.compose.fetch import AllowedOrigins, ImageFetcher
 from proxy.deprecation import Brownouts, Deprecation
 from proxy.fingerprint import load_secret
 from proxy.keys import (
@@ -41,6 +41,7 @@ from proxy.keys import (
     WEBHOOKS,
     Readiness,
 )
+from proxy.limits import LIMITS, Limits, trim_memory
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.stores import FileResultStore, SqliteTaskStore
@@ -49,6 +50,7 @@ from proxy.v2 import handlers as v2
 from proxy.v2.direct import DirectTasks
 from proxy.v2.poll_cache import PollCache
 from proxy.v2.translation import Translator
+from proxy.v3.breaker import CircuitBreaker
 from proxy.v3.client import V3Client
 from proxy.v3.models import TaskResult
 from proxy.v3.passthrough import passthrough
@@ -68,6 +70,7 @@ V2_EDGE: tuple[edge.Unit, ...] = (
     edge.map_errors,           # V2Error, V3Error, HTTP errors, anything else -> a V2 body
     edge.identify_caller,      # the key and its fingerprint, read once
     edge.brownouts,            # may refuse the call before the handler runs
+    edge.shed_load,            # submissions: code 5 at once past the byte budget or the V3 call cap; body deadline
 )
 
 
@@ -78,6 +81,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_route("*", "/v3/{tail:.*}", passthrough, name="v3")
     app.router.add_post("/_proxy/translate", ops.translate)
     app.router.add_get("/_proxy/guide", ops.guide)
+    app.router.add_get("/_proxy/openapi.json", ops.openapi)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
@@ -165,8 +169,11 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, headers={"User-Agent": f"upscale-v2-proxy/{__version__}"},
     ) as session:
         app[SESSION] = session
+        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown, s.breaker_window)
+        app[METRICS].v3_breaker.set_function(lambda: breaker.state)
         app[V3] = V3Client(session, app[UPSTREAM_URL], retries=s.upstream_retries,
-                           backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream)
+                           backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream,
+                           breaker=breaker)
         cache = PollCache(app[MAPPINGS].task_status, fresh_for=s.poll_cache_seconds,
                           max_entries=s.poll_cache_max_entries)
         app[DIRECT] = DirectTasks(app[V3], cache, app.get(WEBHOOKS), s.webhook_fallback)
@@ -194,11 +201,11 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     """The composed path: the engine, on the V3 client, the stores and the thread pool, and its
     worker, which moves composed tasks on in the background until the app stops."""
     s = app[SETTINGS]
-    hosts = frozenset(h.lower() for h in [yarl.URL(app[UPSTREAM_URL]).host or "", *s.image_hosts])
-    if not s.emulate_v3 and not s.image_hosts:
-        log.warning("composed tasks can fetch V3 images from the upstream's host only; "
-                    "set UPSCALE_PROXY_IMAGE_HOSTS to the host of V3's image URLs", allowed=sorted(hosts))
-    fetcher = ImageFetcher(app[SESSION], hosts, s.image_max_mb * MiB, s.image_fetch_timeout,
+    origins = AllowedOrigins.configure(app[UPSTREAM_URL], s.image_origins, s.image_hosts, s.image_private_addresses)
+    if not s.emulate_v3 and not (s.image_origins or s.image_hosts):
+        log.warning("composed tasks can fetch V3 images from the upstream's origin only; "
+                    "set UPSCALE_PROXY_IMAGE_ORIGINS to the origin of V3's image URLs", allowed=str(origins))
+    fetcher = ImageFetcher(app[SESSION], origins, s.image_max_mb * MiB, s.image_fetch_timeout,
                            observe=app[METRICS].observe_upstream)
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
@@ -223,6 +230,8 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[MAPPINGS] = mappings.load()
     app[TRANSLATOR] = Translator.from_settings(app[MAPPINGS], settings)
     app[METRICS] = Metrics(settings.metrics_max_clients)
+    app[LIMITS] = Limits(settings.max_inflight_mb * MiB, settings.max_upstream_calls, settings.request_timeout,
+                         on_refusal=lambda limit: app[METRICS].limits_refused.labels(limit).inc())
     app[DEPRECATION] = Deprecation(settings)
     app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
     app[READINESS] = Readiness()
@@ -239,8 +248,11 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(executor)
     app.cleanup_ctx.append(task_engine)
     app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))
+    if settings.memory_trim_interval:
+        app.cleanup_ctx.append(periodic("memory trim", settings.memory_trim_interval, trim_memory))
     app.on_startup.append(_ready)  # after every cleanup_ctx has started
     app.on_shutdown.append(_draining)
+    app.on_response_prepare.append(_close_while_draining)
     setup_routes(app)
     return app
 
@@ -250,4 +262,19 @@ async def _ready(app: web.Application) -> None:
 
 
 async def _draining(app: web.Application) -> None:
+    start_draining(app)
+
+
+def start_draining(app: web.Application) -> None:
+    """SIGTERM: /readyz answers 503 from now on, so that load balancers move away, while every
+    request is still served until the listener closes (proxy/cli.py)."""
     app[READINESS].state = "draining"
+
+
+async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, each response closes its connection (`Connection: close`): a keep-alive
+    client reconnects through its load balancer, to a replica that stays, before this one stops
+    listening and drops the idle connections left."""
+    if request.app[READINESS].state == "draining":
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp writes it only when told before this hook

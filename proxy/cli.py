@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import re
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsError
 
 from proxy import logs
 from proxy.mappings import MappingsError
 from proxy.settings import Settings
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,21 +114,30 @@ def _translate(body: bytes, tables) -> None:
 
 def _settings(cls: type[BaseSettings], values: dict) -> BaseSettings:
     """Build settings from the environment and the given options; exit 2 naming a bad setting."""
+    prefix = cls.model_config["env_prefix"]
     try:
         return cls(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        prefix = cls.model_config["env_prefix"]
-        print(f"upscale-v2-proxy: invalid configuration ({prefix}* or the matching option):",
-              file=sys.stderr)
-        for err in e.errors(include_url=False):
-            if not err["loc"]:  # a rule across settings: its message names them
-                print(f"  {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
-                continue
-            name = str(err["loc"][0])
-            where = ".".join(map(str, err["loc"][1:]))
-            print(f"  {prefix}{name.upper()}{' at ' + where if where else ''}: {err['msg']}"
-                  f" (got {err.get('input')!r})", file=sys.stderr)
-        raise SystemExit(2) from None
+        lines = [_setting_error(cls, prefix, err) for err in e.errors(include_url=False)]
+    except SettingsError as e:  # a value pydantic-settings could not even decode (JSON, ...)
+        field = re.search(r'field "(\w+)"', str(e))
+        name = f"{prefix}{field[1].upper()}" if field else "a setting"
+        lines = [f"  {name}: can't be read: {e.__cause__ or e}"]
+    print(f"upscale-v2-proxy: invalid configuration ({prefix}* or the matching option):", file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _setting_error(cls: type[BaseSettings], prefix: str, err) -> str:
+    if not err["loc"]:  # a rule across settings: its message names them
+        return f"  {err['msg'].removeprefix('Value error, ')}"
+    name = str(err["loc"][0])
+    where = ".".join(map(str, err["loc"][1:]))
+    field = cls.model_fields.get(name)
+    secret = field is not None and "SecretStr" in str(field.annotation)
+    got = "" if secret else f" (got {err.get('input')!r})"  # a secret is never echoed
+    return f"  {prefix}{name.upper()}{' at ' + where if where else ''}: {err['msg'].removeprefix('Value error, ')}{got}"
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -158,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
         emulator = _settings(EmulatorSettings, {"port": emulator_port})
     logs.configure(settings.log_format, settings.log_level)
-    from proxy.app import create_app
+    from proxy.app import create_app, start_draining
 
     try:
         app = create_app(settings, emulator)
@@ -167,15 +184,91 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     _run(app, settings.host, settings.port, lambda: log.info(
         "proxy listening", url=f"http://{settings.host}:{settings.port}",
-        upstream="emulator" if settings.emulate_v3 else settings.upstream))
+        upstream="emulator" if settings.emulate_v3 else settings.upstream),
+        Drain(settings.drain_delay, settings.shutdown_grace, partial(start_draining, app)))
 
 
-def _run(app: web.Application, host: str, port: int, announce) -> None:
-    """Serve until SIGINT/SIGTERM; `announce` once listening. A port in use exits 2, clearly."""
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """What SIGTERM and SIGINT start: `begin` (for /readyz: 503 from now on), `delay` seconds more of
+    serving everything, so that load balancers move away first (a second signal cuts it short); then
+    the listener closes and requests in flight get `grace` seconds to finish."""
+
+    delay: float = 0.0
+    grace: float = 60.0
+    begin: Callable[[], None] = lambda: None
+
+
+def _run(app: web.Application, host: str, port: int, announce, drain: Drain = Drain()) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and stop (the app's cleanup_ctx stop the task engine and
+    flush the logs last); `announce` once listening. A port in use exits 2, clearly."""
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=lambda _: announce(),
-                    loop=_new_loop())
+        loop.run_until_complete(_serve(app, host, port, announce, drain))
     except OSError as e:  # most often: the port is taken
         logs.flush()
         print(f"upscale-v2-proxy: cannot start: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # where the loop has no signal handlers (Windows): stop without a drain
+        pass
+    finally:
+        try:
+            _cancel_all(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+async def _serve(app: web.Application, host: str, port: int, announce, drain: Drain) -> None:
+    """web.run_app, but a signal starts a drain instead of closing the listener at once."""
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger("proxy")
+    signals: list[signal.Signals] = []
+    signalled = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        signals.append(sig)
+        signalled.set()
+
+    for sig in STOP_SIGNALS:  # from the start: a signal while starting up stops it cleanly too
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal, sig)
+    # aiohttp's own handlers would close the listener at once: off
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=drain.grace,
+                           keepalive_timeout=75.0)
+    try:
+        await runner.setup()  # every cleanup_ctx started: the upstream session, the stores, the engine
+        try:
+            await web.TCPSite(runner, host, port).start()
+            announce()
+            # stopped while starting: never ready, so no load balancer has to move away
+            delay = 0.0 if signalled.is_set() else drain.delay
+            await signalled.wait()
+            log.info("draining", signal=signals[0].name, delay=delay, grace=drain.grace)
+            drain.begin()
+            signalled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signalled.wait(), delay)
+            log.info("closing the listener", connections=len(runner.server.connections) if runner.server else 0)
+        finally:
+            # the listener closes, idle connections close, requests in flight get `grace` seconds;
+            # then the cleanup_ctx stop in reverse: the task engine lets go of its tasks' leases,
+            # the log flusher flushes last
+            await runner.cleanup()
+    finally:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
+    log.info("stopped")
+    logs.flush()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and await whatever tasks are left, as asyncio.run does."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -3,6 +3,7 @@
 Validated once at start-up; a bad value stops the boot with a message naming the setting.
 """
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -11,15 +12,17 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     Field,
+    FiniteFloat,
     HttpUrl,
     SecretStr,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from proxy.envtypes import CommaList
+from proxy.envtypes import CommaList, JsonList, host_name
 from proxy.translate.features import REGISTRY, Policy
 from proxy.translate.profiles import DEFAULT_PROFILE, PROFILES, ProfileName
 
@@ -72,6 +75,17 @@ class Settings(_PolicySettings):
     upstream_max_connections: int = Field(
         100, ge=1, le=10000, description="size of the keep-alive pool to the upstream"
     )
+    # circuit breaker
+    breaker_failures: int = Field(
+        5, ge=0, le=1000, description="failures in a row that say V3 is down (no connection, a timeout, "
+        "502/503/504) before calls fail fast with code 5 (0: never)",
+    )
+    breaker_window: float = Field(
+        30.0, gt=0, le=3600, description="seconds within which those failures must fall"
+    )
+    breaker_cooldown: float = Field(
+        10.0, gt=0, le=3600, description="seconds calls fail fast before one probe call tries V3 again"
+    )
     max_body_mb: int = Field(
         48, ge=1, le=512,
         description="largest V2 request body accepted, in MiB (V3 takes images up to 30 MB)",
@@ -80,6 +94,33 @@ class Settings(_PolicySettings):
         "auto", description="json lines, or a console renderer; auto picks console on a terminal"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    # drain
+    drain_delay: float = Field(
+        5.0, ge=0, le=600, description="seconds after SIGTERM or SIGINT during which /readyz answers 503 while "
+        "everything is still served, so that load balancers move away first; then the listener closes",
+    )
+    shutdown_grace: float = Field(
+        20.0, gt=0, le=3600, description="seconds requests in flight get to finish once the listener is closed; "
+        "then they are cancelled",
+    )
+
+    # limits
+    request_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds a V2 submission's whole body may take to arrive; past it, "
+        "code 9, and what came is freed",
+    )
+    max_inflight_mb: int = Field(
+        256, ge=1, le=65536, description="MiB of V2 submission bodies in flight across the process; a submission "
+        "that would go past it gets code 5 at once, before its body is read",
+    )
+    max_upstream_calls: int = Field(
+        64, ge=1, le=10000, description="V2 submissions waiting on V3 at once; past it, code 5 at once (keep it "
+        "under UPSCALE_PROXY_UPSTREAM_MAX_CONNECTIONS, so that polls always find a connection)",
+    )
+    memory_trim_interval: float = Field(
+        10.0, ge=0, le=3600, description="seconds between returns of freed memory to the OS (glibc malloc_trim) "
+        "while no submission is in flight (0: never)",
+    )
 
     # the composed path
     data_dir: Path = Field(Path("data"), description="where composed tasks and their images are kept")
@@ -89,11 +130,31 @@ class Settings(_PolicySettings):
     image_hosts: CommaList = Field(
         default_factory=list, description="hosts V3 result images may be fetched from, besides the upstream's"
     )
+    # boundaries
+    image_origins: CommaList = Field(
+        default_factory=list, description="origins (scheme://host[:port]) V3 result images may be fetched from, "
+        "besides the upstream's own",
+    )
+    image_private_addresses: bool = Field(
+        False, description="let configured image origins and hosts whose names resolve to loopback, private or "
+        "link-local addresses be fetched from",
+    )
+
+    @field_validator("image_origins", "image_hosts")
+    @classmethod
+    def _image_origins(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        from proxy.compose import fetch  # loaded only when the setting is given
+
+        parse = fetch.parse_origin if info.field_name == "image_origins" else fetch.parse_host
+        for value in values:
+            parse(value)  # a ValueError names the entry
+        return values
+
     image_fetch_timeout: float = Field(60.0, gt=0, le=3600)
     image_max_mb: int = Field(256, ge=1, le=4096, description="largest V3 result image fetched, in MiB")
     compose_workers: int = Field(2, ge=1, le=64, description="threads for local image work")
     compose_max_pending: int = Field(8, ge=1, le=1024, description="compositions at once per process")
-    compose_deadline: float = Field(900.0, gt=0, description="seconds until a composed task times out")
+    compose_deadline: FiniteFloat = Field(900.0, gt=0, description="seconds until a composed task times out")
     webhooks: bool = Field(
         False, description="ask V3 to POST finished tasks to this proxy (needs UPSCALE_PROXY_PUBLIC_URL, "
         "reachable from V3)",
@@ -107,7 +168,7 @@ class Settings(_PolicySettings):
         description="seconds a process may hold a composed task while moving it a step; a dead process's "
         "tasks are taken over after it",
     )
-    sweep_interval: float = Field(60.0, gt=0, description="seconds between sweeps of expired tasks")
+    sweep_interval: FiniteFloat = Field(60.0, gt=0, description="seconds between sweeps of expired tasks")
     fingerprint_secret: SecretStr | None = Field(
         None, description="HMAC secret of key fingerprints (default: made once, kept in data_dir)"
     )
@@ -131,7 +192,7 @@ class Settings(_PolicySettings):
     successor_url: str | None = Field(
         None, description="base URL of V3 for Link rel=successor-version (default: this proxy's /v3)"
     )
-    brownouts: list[Brownout] = Field(default_factory=list, description="JSON list of brownout windows")
+    brownouts: JsonList[Brownout] = Field(default_factory=list, description="JSON list of brownout windows")
     metrics_max_clients: int = Field(
         100, ge=0, le=10000, description="key fingerprints with their own metrics series; the rest are 'other'"
     )
@@ -190,6 +251,55 @@ class Settings(_PolicySettings):
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
         return None if value is None else str(HttpUrl(value)).rstrip("/")
+
+    @field_validator("host")
+    @classmethod
+    def _listen_host(cls, value: str) -> str:
+        return host_name(value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty (unset it for ./data)")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _a_directory(cls, value: Path) -> Path:
+        try:  # made at start-up if missing: it, or the nearest part of it there is, must be a directory
+            existing = next((p for p in (value, *value.absolute().parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                raise ValueError(f"{existing} is not a directory")
+        except OSError as e:
+            raise ValueError(f"can't be looked at: {e}") from None
+        return value
+
+    @field_validator("deprecation_link", "successor_url")
+    @classmethod
+    def _link(cls, value: str | None) -> str | None:
+        # it goes into a Link header as <value>: a path on this proxy or an http(s) URL, no spaces
+        if value is None:
+            return None
+        if not re.fullmatch(r"[\x21-\x7e]+", value) or "<" in value or ">" in value:
+            raise ValueError("must be a path or an http(s) URL: printable ASCII, no spaces or angle brackets")
+        if not value.startswith("/"):
+            HttpUrl(value)
+        return value
+
+    @field_validator("fingerprint_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if not secret.strip():
+            raise ValueError("is empty (unset it to have one made and kept in the data directory)")
+        try:
+            secret.encode()
+        except UnicodeEncodeError:
+            raise ValueError("has bytes that are not UTF-8") from None
+        return value
 
     @field_validator("upstream")
     @classmethod

@@ -22,7 +22,14 @@ from proxy.keys import TASKS
 from proxy.stores import SqliteTaskStore
 from proxy.translate.plan import Plan
 from proxy.translate.steps import ReadInput
-from tests.helpers import AUTH, free_port, poll_until_done, upscale, v2_call, wait_for_port
+from tests.helpers import (
+    AUTH,
+    free_port,
+    poll_until_done,
+    upscale,
+    v2_call,
+    wait_for_port,
+)
 from tests.images import encode, pattern
 
 
@@ -105,7 +112,7 @@ async def test__an_image_too_large__ends_the_task_once_with_one_fetch(emulator, 
     server, emu = emulator
     host, served = bomb_host
     emu.settings.public_url = str(host.make_url("")).rstrip("/")  # V3's image URLs now point at it
-    client = await start_proxy(str(server.make_url("")))
+    client = await start_proxy(str(server.make_url("")), image_hosts=f"127.0.0.1:{host.port}")
     reply = await upscale(client, body(upscaler_1="4x-UltraSharp", resize_mode=1, upscaling_resize_w=30,
                                        upscaling_resize_h=20, upscaling_crop=True))
     data = await poll_until_done(client, reply["data"]["task_id"])

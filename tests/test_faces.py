@@ -11,7 +11,13 @@ import pytest
 from PIL import Image, ImageChops
 
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer, FaceRestorationError
-from tests.fake_a1111 import REQUESTS, codeformer_stand_in, create_fake_a1111, expected, gfpgan_stand_in
+from tests.fake_a1111 import (
+    REQUESTS,
+    codeformer_stand_in,
+    create_fake_a1111,
+    expected,
+    gfpgan_stand_in,
+)
 from tests.helpers import closed_port_url
 from tests.images import decode, encode, pattern
 

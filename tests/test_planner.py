@@ -15,7 +15,15 @@ from proxy.translate.features import ALL, BY_NAME, REGISTRY, default_policies
 from proxy.translate.plan import Plan
 from proxy.translate.planner import plan_upscale
 from proxy.translate.profiles import PROFILES
-from proxy.translate.steps import Blend, Branch, CropToCanvas, ReadInput, Resize, RestoreFaces, V3Job
+from proxy.translate.steps import (
+    Blend,
+    Branch,
+    CropToCanvas,
+    ReadInput,
+    Resize,
+    RestoreFaces,
+    V3Job,
+)
 from proxy.v2.image import ImageInfo
 from proxy.v2.models import V2UpscaleOptions
 from proxy.v2.translation import Translator

@@ -49,6 +49,10 @@ from proxy.webhooks import WebhookTokens
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
 MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step
+class _Unconfirmed(Exception):
+    """A submission that may have reached V3 without its reply reaching us: never sent again."""
+
+
 # failures of the image work that no retry can mend: the task ends with them
 _FINAL_FAILURES = (FetchError, ImageTooLarge, FaceRestorationError, OSError, ValueError)
 
@@ -64,6 +68,7 @@ class EngineSettings:
     min_wait: float = 0.1  # bounds of the time between two looks at one task
     max_wait: float = 5.0
     batch: int = 64  # due tasks taken per look
+    stop_grace: float = 3.0  # at shutdown, seconds steps in flight may take to end before they are cut
 
 
 class TaskEngine:
@@ -91,7 +96,15 @@ class TaskEngine:
 
     async def v3_input(self, image_b64: memoryview | bytes, read: ReadInput) -> bytes:
         """The input as a model gets it (RGB pixels only, as the release read it), for V3."""
-        return pybase64.b64encode(await self._local(v3_input_png, pybase64.b64decode(image_b64), read))
+        return pybase64.b64encode(await self._v3_input_png(pybase64.b64decode(image_b64), read))
+
+    async def _v3_input_png(self, source: bytes, read: ReadInput) -> bytes:
+        """Decoding the whole input, where the probe read its header only: pixels it can't decode
+        are the client's error (code 6), not ours."""
+        try:
+            return await self._local(v3_input_png, source, read)
+        except (OSError, ValueError) as e:  # ImageTooLarge is a ValueError
+            raise V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT, f"image: could not be decoded ({e})") from None
 
     async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str,
                      fingerprint: str) -> tuple[str, list[str]]:
@@ -99,7 +112,7 @@ class TaskEngine:
         task_id = new_task_id()
         source = pybase64.b64decode(image_b64)
         if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
-            image_b64 = pybase64.b64encode(await self._local(v3_input_png, source, plan.read))
+            image_b64 = pybase64.b64encode(await self._v3_input_png(source, plan.read))
         firsts = await asyncio.gather(*(
             self._v3.submit(self._body(b.v3_jobs[0], image_b64, task_id, fingerprint), key)
             for b in plan.branches if b.v3_jobs
@@ -144,10 +157,14 @@ class TaskEngine:
                 self._wake.set()
         return _data(task, image_url, now)
 
-    async def image(self, task_id: str) -> bytes | None:
-        """The composed PNG while it is downloadable; None once expired or never made."""
+    async def image(self, task_id: str, fingerprint: str | None = None) -> bytes | None:
+        """The composed PNG while it is downloadable; None once expired or never made, or when the
+        download carries another key than the task's (one without a key is the URL's own: V2's
+        image URLs needed none, and the task id is unguessable)."""
         task = await self._tasks.get(task_id)
         if task is None or task.state != TaskState.SUCCEEDED or self._clock() > task.expires_at:
+            return None
+        if fingerprint is not None and fingerprint != task.fingerprint:
             return None
         return await self._results.get(f"{task_id}.png")
 
@@ -175,6 +192,10 @@ class TaskEngine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.tick)
         finally:
+            # steps in flight get a moment to end on their own: a V3 submission cut off before its
+            # reply is read would be submitted again by the next process (and charged twice)
+            if self._steps:
+                await asyncio.wait(list(self._steps), timeout=self._settings.stop_grace)
             for step in list(self._steps):
                 step.cancel()
             if self._steps:
@@ -226,11 +247,14 @@ class TaskEngine:
             elif task.state == TaskState.RUNNING:
                 task.retries = 0
                 task.due_at = self._clock() + self._wait(task, waiting)
+        except _Unconfirmed as e:
+            self._end(task, TaskState.FAILED, f"V3 may have received pass {e.args[0]} but did not confirm it; "
+                      "it is not sent again, as a second one would be charged twice", self._clock())
         except (V3Unreachable, V3Timeout, V3BadReply) as e:
-            self._back_off(task, f"V3: {e}")
+            self._back_off(task, redact(f"V3: {e}", key))
         except V3StatusError as e:
             if e.status == 429 or e.status >= 500:  # rate limited or down: it will pass
-                self._back_off(task, f"V3 answered HTTP {e.status} {e.reason}")
+                self._back_off(task, redact(f"V3 answered HTTP {e.status} {e.reason}", key))
             else:
                 said = redact(": ".join(p for p in (e.reason, e.message) if p) or f"HTTP {e.status}", key)
                 self._end(task, TaskState.FAILED, f"V3 refused a job: {said}", self._clock())
@@ -257,7 +281,8 @@ class TaskEngine:
             status = V2Status(self._status.get(result.task.status, V2Status.RUNNING))
             task.started = task.started or status != V2Status.INITIALIZING
             if status == V2Status.FAILED:
-                self._end(task, TaskState.FAILED, result.task.reason or "a V3 job failed", self._clock())
+                self._end(task, TaskState.FAILED, redact(result.task.reason, key) or "a V3 job failed",
+                          self._clock())
                 return etas
             task.executed_ms = task.executed_ms or result.extra.debug_info.execute_time_ms
             if status == V2Status.SUCCESSFUL:
@@ -269,8 +294,13 @@ class TaskEngine:
             if task.jobs_done[b] == len(task.jobs[b]) < len(branch.v3_jobs):  # chain the next job
                 job = branch.v3_jobs[len(task.jobs[b])]
                 image = await self._fetcher.fetch(task.outputs[b])
-                job_id, _ = await self._v3.submit(
-                    self._body(job, pybase64.b64encode(image), task.task_id, task.fingerprint), key)
+                try:
+                    job_id, _ = await self._v3.submit(
+                        self._body(job, pybase64.b64encode(image), task.task_id, task.fingerprint), key)
+                except (V3Timeout, V3Unreachable, V3BadReply) as e:
+                    if isinstance(e, V3Unreachable) and not e.sent:
+                        raise  # it never reached V3: safe to submit again after a back-off
+                    raise _Unconfirmed(len(task.jobs[b]) + 1) from e
                 task.jobs[b].append(job_id)
                 etas.append(0.0)
         done = all(task.jobs_done[b] == len(branch.v3_jobs) for b, branch in enumerate(task.plan.branches))

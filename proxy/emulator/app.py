@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from proxy.emulator.settings import EmulatorSettings
-from proxy.emulator.tasks import Task
+from proxy.emulator.tasks import Task, TaskStore
 from proxy.emulator.v3 import MAX_BYTES, MAX_SIDE, UpscaleBody, V3Error
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -36,7 +36,7 @@ class Emulator:
     attempts made) and `webhook_calls` (url, HTTP status or exception name) per attempt."""
 
     settings: EmulatorSettings
-    tasks: dict[str, Task] = field(default_factory=dict)
+    tasks: TaskStore = field(default_factory=TaskStore)  # bounded: proxy/emulator/tasks.py
     requests: Counter[str] = field(default_factory=Counter)
     injected: int = 0
     rng: random.Random = field(default_factory=random.Random)
@@ -60,9 +60,8 @@ class Emulator:
         raise V3Error(s.error_reason, "injected by the emulator")
 
     def sweep(self, now: float) -> None:
-        horizon = self.settings.image_url_ttl + 60
-        for task_id in [t.task_id for t in self.tasks.values() if now - t.completes > horizon]:
-            del self.tasks[task_id]
+        """Results go once their URLs have expired; their tasks a minute later."""
+        self.tasks.sweep(now, self.settings.image_url_ttl, keep_for=60)
 
 
 EMULATOR = web.AppKey("emulator", Emulator)
@@ -131,7 +130,7 @@ async def upscale(request: web.Request) -> web.Response:
         queue_delay=s.queue_delay, process_delay=s.process_delay,
         fail_reason=s.fail_reason if s.fail_rate and emu.rng.random() < s.fail_rate else None,
     )
-    emu.tasks[task.task_id] = task
+    emu.tasks.add(task)
     if body.extra.webhook and s.webhooks:
         job = asyncio.create_task(_webhook(emu, task, str(body.extra.webhook.url), _base(request)))
         emu.deliveries.add(job)
@@ -152,6 +151,7 @@ async def result_body(emu: Emulator, task: Task, base: str) -> dict:
     """The task-result document of `task` now; also the payload of its webhook event."""
     now = time.time()
     status = await task.settle(now)
+    emu.tasks.recount(task)  # the input may have become a result
     done = status in FINAL
     images = []
     if status == "TASK_STATUS_SUCCEED":
@@ -227,10 +227,12 @@ async def image(request: web.Request) -> web.Response:
     emu.requests["image"] += 1
     emu.inject("image")
     task = emu.tasks.get(request.match_info["task_id"])
-    if task is None or task.result is None or request.match_info["ext"] != task.image_type:
+    if task is None or request.match_info["ext"] != task.image_type:
         raise web.HTTPNotFound(text="no such image")
     if time.time() > task.completes + emu.settings.image_url_ttl:
         raise web.HTTPForbidden(text="Request has expired")
+    if task.result is None:
+        raise web.HTTPNotFound(text="no such image")
     return web.Response(body=task.result, content_type=CONTENT_TYPES[task.image_type])
 
 

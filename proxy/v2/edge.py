@@ -35,6 +35,7 @@ from proxy.keys import (
     SECRET,
     Caller,
 )
+from proxy.limits import LIMITS, Overloaded
 from proxy.translate.errors import redact, to_v2_error
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import find_key
@@ -70,10 +71,20 @@ def v2_edge(units: Sequence[Unit]) -> Middleware:
 async def audit_event(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One `v2.deprecated_call` event per answered call, telling how it ended."""
     audit = request[AUDIT] = AuditRecord(request.method, request.path, request.match_info.route.name,
-                                         request.headers.get("User-Agent", ""), time.perf_counter())
+                                         _printable(request.headers.get("User-Agent", "")), time.perf_counter())
     response = await handler(request)
     log.info(EVENT, **audit.event(time.perf_counter()))
     return response
+
+
+def _printable(header: str) -> str:
+    """A header as text that can be logged: aiohttp decodes bytes that aren't UTF-8 into lone
+    surrogates, which no JSON encoder takes; they become backslash escapes."""
+    try:
+        header.encode()
+        return header
+    except UnicodeEncodeError:
+        return header.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 async def count_call(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -148,3 +159,17 @@ async def brownouts(request: web.Request, handler: Handler) -> web.StreamRespons
         request[AUDIT].path_taken = "brownout"
         raise
     return await handler(request)
+
+
+async def shed_load(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Submissions only: code 5 at once past the process's budget of bytes in flight or its cap on
+    calls waiting on V3, before the body is read; code 9 for a body that doesn't arrive in time
+    (proxy/limits.py). Polls are cheap and never shed."""
+    if request.match_info.route.name != "upscale":
+        return await handler(request)
+    try:
+        async with request.app[LIMITS].submission(request):
+            return await handler(request)
+    except Overloaded:
+        request[AUDIT].path_taken = "shed"
+        raise

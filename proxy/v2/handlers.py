@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from aiohttp import web
+from yarl import URL
 
 from proxy.compose.task import is_composed_id
+from proxy.envtypes import host_name
 from proxy.errors import V2Code, V2Error
 from proxy.keys import (
     AUDIT,
@@ -27,9 +30,42 @@ from proxy.v2.translation import fields_sent
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
+# a Host header: a name or an IPv4 address, or a bracketed IPv6 one; then maybe a port
+_HOST = re.compile(r"(?P<host>[^:\[\]]+|\[(?P<ipv6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
+
+
 def _image_url(request: web.Request, task_id: str) -> str:
-    base = request.app[SETTINGS].public_url or str(request.url.origin())
+    """Where a composed task's image is: under UPSCALE_PROXY_PUBLIC_URL when set, else under the proxy
+    as the request reached it."""
+    base = request.app[SETTINGS].public_url or _origin(request)
     return f"{base}/v2/images/{task_id}.png"
+
+
+def _origin(request: web.Request) -> str:
+    """The Host header if it is a valid host[:port], else the address the request came to; never
+    what a malformed Host says (it would be reflected into the URL)."""
+    host, port = _host_header(request.headers.get("Host", "")) or _local_address(request)
+    return str(URL.build(scheme=request.scheme, host=host, port=port))
+
+
+def _host_header(value: str) -> tuple[str, int | None] | None:
+    """(host, port) of a Host header that is a valid host[:port], else None."""
+    m = _HOST.fullmatch(value) if len(value) <= 261 else None  # 253 for a name, 8 for a port
+    if m is None or (m["port"] and not 0 < int(m["port"]) < 65536):
+        return None
+    try:
+        host = str(ipaddress.IPv6Address(m["ipv6"])) if m["ipv6"] else host_name(m["host"])
+    except ValueError:
+        return None
+    return host, int(m["port"]) if m["port"] else None
+
+
+def _local_address(request: web.Request) -> tuple[str, int | None]:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return sockname[0], sockname[1]
+    settings = request.app[SETTINGS]  # not a TCP socket: where the proxy was told to listen
+    return settings.host, settings.port
 
 
 async def upscale(request: web.Request) -> web.Response:
@@ -73,14 +109,14 @@ async def progress(request: web.Request) -> web.Response:
     result, audit.upstream_status, audit.poll_cache = await app[DIRECT].result(
         task_id, key, request[CALLER].fingerprint)
     app[METRICS].count_poll(audit.poll_cache)
-    return v2_reply(data=progress_data(result, app[MAPPINGS].task_status))
+    return v2_reply(data=progress_data(result, app[MAPPINGS].task_status, key=key))
 
 
 async def image(request: web.Request) -> web.Response:
     """A composed task's PNG, while its img_expire_ttl lasts; then a 404 with a V2 body."""
     task_id = request.match_info["task_id"]
     request[AUDIT].path_taken, request[AUDIT].task_id = "composed", task_id
-    png = await request.app[TASKS].image(task_id) if is_composed_id(task_id) else None
+    png = await request.app[TASKS].image(task_id, request[CALLER].fingerprint) if is_composed_id(task_id) else None
     if png is None:
         raise V2Error(V2Code.TASK_ID_NOT_EXIST, "no such image, or it has expired", http_status=404)
     return web.Response(body=png, content_type="image/png")

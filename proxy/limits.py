@@ -1,0 +1,161 @@
+"""What keeps one proxy process standing under hostile input and overload.
+
+- A deadline for a submission's body (`UPSCALE_PROXY_REQUEST_TIMEOUT`): a client that declares
+  48 MB, sends part of it and stalls is answered with code 9 once it passes, and what it sent is
+  freed. (Headers that never end are aiohttp's: `keepalive_timeout` closes such a connection.)
+- A budget of submission bytes in flight across the process (`UPSCALE_PROXY_MAX_INFLIGHT_MB`): a
+  submission whose Content-Length would go past it gets code 5 at once, before its body is read; a
+  chunked body counts as it arrives and is refused where it crosses the budget. A submission's
+  bytes count until its answer is made.
+- A cap on submissions waiting on V3 at once (`UPSCALE_PROXY_MAX_UPSTREAM_CALLS`): past it, code 5
+  at once, instead of a queue (of bodies, in memory) behind the upstream connection pool.
+
+A refusal is code 5, "the proxy is overloaded ..., retry": a fast answer an SDK retries beats a
+queue that grows until the process is killed. Only submissions are refused (the `shed_load` unit
+of the V2 edge); polls are cheap and keep answering under load.
+
+And, once a load has passed, freed memory goes back to the OS (`trim_memory`): glibc keeps the
+heap it grew for the bodies otherwise (measured with tests/bench/load.py: 63 MB of RSS before a
+load, about 400 MB at its peak, still 343 MB an idle minute later; 66 MB with the trim).
+
+One event loop owns these counters: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+from aiohttp import web
+
+from proxy.errors import V2Code, V2Error
+
+MiB = 1024 * 1024
+log = structlog.get_logger("proxy")
+
+
+class Overloaded(V2Error):
+    """Code 5: past one of the process's limits. Nothing was sent upstream; the client may retry."""
+
+    def __init__(self, limit: str, why: str) -> None:
+        super().__init__(V2Code.HOST_UNAVAILABLE, f"the proxy is overloaded ({why}), retry")
+        self.limit = limit  # the metric's label: bytes | upstream_calls
+
+
+class Limits:
+    """The process's budget of submission bytes in flight and its cap on submissions waiting on V3."""
+
+    def __init__(self, max_bytes: int, max_upstream_calls: int, body_timeout: float,
+                 on_refusal: Callable[[str], None] | None = None) -> None:
+        self.max_bytes, self.max_upstream_calls, self.body_timeout = max_bytes, max_upstream_calls, body_timeout
+        self.bytes_in_flight = 0
+        self.upstream_calls = 0
+        self.bytes_since_trim = 0  # taken since freed memory was last given back
+        self._on_refusal = on_refusal or (lambda limit: None)
+
+    @property
+    def idle(self) -> bool:
+        return self.bytes_in_flight == 0 and self.upstream_calls == 0
+
+    @asynccontextmanager
+    async def submission(self, request: web.Request) -> AsyncIterator[None]:
+        """Admit a submission for as long as the block runs: its body read under the deadline and
+        counted against the budget, then a place among the calls waiting on V3. Refused with
+        Overloaded (code 5), a V2Error (code 9: the body was too slow) or HTTP 413 (too large)."""
+        self._check_calls()
+        declared = request.content_length
+        if declared is not None and declared > min(request.client_max_size, self.max_bytes):
+            raise web.HTTPRequestEntityTooLarge(min(request.client_max_size, self.max_bytes), declared)
+        counted = _Counted(self)
+        try:
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    if declared is not None:
+                        counted.take(declared)
+                        await request.read()
+                    else:
+                        await self._read_chunked(request, counted)
+            except TimeoutError:
+                raise V2Error(V2Code.TIMEOUT, f"the request body did not arrive within "
+                                              f"{self.body_timeout:g} s") from None
+            self._check_calls()  # it may have filled while the body came
+            self.upstream_calls += 1
+            try:
+                yield
+            finally:
+                self.upstream_calls -= 1
+        finally:
+            counted.release()
+
+    async def _read_chunked(self, request: web.Request, counted: _Counted) -> None:
+        """A body of unknown length, counted as it arrives; then it is the one `request.read()` gives."""
+        body = bytearray()
+        while chunk := await request.content.readany():
+            counted.take(len(chunk))
+            body.extend(chunk)
+            if len(body) > request.client_max_size:
+                raise web.HTTPRequestEntityTooLarge(request.client_max_size, len(body))
+        request._read_bytes = bytes(body)  # aiohttp has no public way to hand a body read here to read()
+
+    def _check_calls(self) -> None:
+        if self.upstream_calls >= self.max_upstream_calls:
+            self._on_refusal("upstream_calls")
+            raise Overloaded("upstream_calls", f"{self.upstream_calls} submissions are waiting on V3")
+
+    def _take(self, n: int) -> None:
+        if self.bytes_in_flight + n > self.max_bytes:
+            self._on_refusal("bytes")
+            raise Overloaded("bytes", f"{self.bytes_in_flight // MiB} MiB of request bodies in flight")
+        self.bytes_in_flight += n
+        self.bytes_since_trim += n
+
+
+class _Counted:
+    """One submission's bytes in the budget, released once, whatever happened."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits, self.n = limits, 0
+
+    def take(self, n: int) -> None:
+        self._limits._take(n)
+        self.n += n
+
+    def release(self) -> None:
+        self._limits.bytes_in_flight -= self.n
+        self.n = 0
+
+
+LIMITS = web.AppKey("limits", Limits)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where the C library has it (not musl, not macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+async def trim_memory(app: web.Application) -> None:
+    """Give memory freed since the last time back to the OS, while no submission is in flight.
+
+    glibc keeps the heap it grew for request bodies (several MB each, above its dynamic mmap
+    threshold after the first few) and hands it back only from the top of the heap. malloc_trim
+    returns every free page of every arena; run only when idle, it costs the load nothing.
+    A periodic job (proxy/app.py), every UPSCALE_PROXY_MEMORY_TRIM_INTERVAL seconds."""
+    limits = app[LIMITS]
+    if _TRIM is None or not limits.idle or not limits.bytes_since_trim:
+        return
+    limits.bytes_since_trim = 0
+    started = time.perf_counter()
+    _TRIM(0)
+    log.debug("memory trimmed", ms=round((time.perf_counter() - started) * 1000, 1))

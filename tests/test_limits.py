@@ -1,0 +1,256 @@
+"""The process's limits (proxy/limits.py) with real servers on loopback: the byte budget, the body
+deadline and the cap on calls waiting on V3 shed submissions with a V2 body while polls keep
+answering; the V3 emulator's own store stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import time
+
+import orjson
+from PIL import Image
+
+from proxy.limits import LIMITS
+from tests.helpers import AUTH, KEY, poll_until_done, upscale, v2_call
+from tests.images import b64
+
+BOUND = 10.0  # seconds: generous; "at once" and "after the deadline" mean well before it
+
+
+def noise_b64(side: int, seed: int = 0) -> str:
+    """A PNG of RGB noise (it doesn't compress: about 3 * side**2 bytes), base64."""
+    image = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def body_of(size: int) -> bytes:
+    """A valid V2 direct-path body of about `size` bytes (the image is noise)."""
+    return orjson.dumps({"image": noise_b64(int((size * 0.75 / 3) ** 0.5)), "upscaling_resize": 2})
+
+
+def head(length: int | None = None, chunked: bool = False) -> bytes:
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+    return (f"POST /v2/upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n\r\n").encode()
+
+
+async def send_raw(client, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to the proxy and send `data` (a request's head, perhaps part of its body)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_reply(reader: asyncio.StreamReader) -> dict:
+    """The V2 body of the HTTP response on `reader`, which must be a 200 with JSON."""
+    async with asyncio.timeout(BOUND):
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+        headers = {}
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return json.loads(await reader.readexactly(int(headers["content-length"])))
+
+
+async def post(client, data: bytes) -> dict:
+    return await v2_call(client, "POST", "/v2/upscale", data=data,
+                         headers={**AUTH, "Content-Type": "application/json"})
+
+
+async def until(condition, what: str) -> None:
+    async with asyncio.timeout(BOUND):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+# --- the byte budget -----------------------------------------------------------------------------
+
+async def test__submission_past_byte_budget__gets_code_5_before_its_body_is_sent(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    limits = proxy.server.app[LIMITS]
+    _, holder = await send_raw(proxy, head(700_000) + b'{"image": "')  # 700 KB of the budget, and stalls
+    await until(lambda: limits.bytes_in_flight == 700_000, "the first submission to be counted")
+
+    reader, writer = await send_raw(proxy, head(700_000))  # no body at all: the answer can't wait for it
+    reply = await read_reply(reader)
+    assert reply["code"] == 5 and reply["msg"].startswith("the proxy is overloaded"), reply
+    assert "in flight" in reply["msg"]
+    assert (await post(proxy, body_of(700_000)))["code"] == 5  # a whole body is refused the same
+    await close(writer)
+
+    await close(holder)
+    await until(lambda: limits.bytes_in_flight == 0, "the stalled submission to let go of its bytes")
+    assert (await post(proxy, body_of(700_000)))["code"] == 0
+    async with proxy.get("/metrics") as resp:
+        assert 'upscale_proxy_limits_refused_total{limit="bytes"} 2.0' in await resp.text()
+
+
+async def test__byte_budget__is_released_when_each_request_ends(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    limits = proxy.server.app[LIMITS]
+    body = body_of(700_000)
+    for _ in range(3):  # each fits alone: it is only refused if an earlier one still counts
+        assert (await post(proxy, body))["code"] == 0
+    assert (await post(proxy, b'{"image": 1' + b" " * 600_000 + b"}"))["code"] == 1  # refused by the handler
+    assert (await post(proxy, body))["code"] == 0
+    assert (limits.bytes_in_flight, limits.upstream_calls) == (0, 0)
+
+
+async def test__declared_body_larger_than_the_whole_budget__is_too_large(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    reader, writer = await send_raw(proxy, head(2 * 1024 * 1024))
+    reply = await read_reply(reader)
+    assert reply["code"] == 6, reply  # no retry would ever let it in: not a code 5
+    await close(writer)
+
+
+async def test__chunked_body__counts_as_it_arrives_and_is_refused_where_it_crosses(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    limits = proxy.server.app[LIMITS]
+
+    async def chunks(data: bytes):
+        for i in range(0, len(data), 64 * 1024):
+            yield data[i:i + 64 * 1024]
+
+    assert (await post(proxy, chunks(body_of(700_000))))["code"] == 0  # under the budget: read and served
+
+    reader, writer = await send_raw(proxy, head(chunked=True))
+    for _ in range(20):  # 20 chunks of 64 KiB: past 1 MiB at the 17th
+        writer.write(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+    await writer.drain()
+    reply = await read_reply(reader)
+    assert reply["code"] == 5 and "in flight" in reply["msg"], reply
+    await close(writer)
+    assert limits.bytes_in_flight == 0
+
+
+# --- the body deadline ---------------------------------------------------------------------------
+
+async def test__stalled_body__is_cut_off_after_the_deadline_while_others_are_served(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), request_timeout=0.5)
+    limits = proxy.server.app[LIMITS]
+    reader, writer = await send_raw(proxy, head(1_000_000) + b'{"image": "iVBOR')  # then nothing
+
+    reply = await upscale(proxy, {"image": b64(), "upscaling_resize": 2})  # others go on meanwhile
+    assert reply["code"] == 0, reply
+    assert (await poll_until_done(proxy, reply["data"]["task_id"]))["status"] == 2
+
+    stalled = await read_reply(reader)  # before BOUND, or read_reply fails
+    assert stalled["code"] == 9 and "did not arrive within 0.5 s" in stalled["msg"], stalled
+    assert limits.bytes_in_flight == 0  # what it sent is let go
+    await close(writer)
+    assert (await upscale(proxy, {"image": b64(), "upscaling_resize": 2}))["code"] == 0
+
+
+# --- the cap on calls waiting on V3 --------------------------------------------------------------
+
+async def test__upstream_call_cap__sheds_with_code_5_while_v3_is_slow_and_polls_answer(start_emulator, start_proxy):
+    server, _ = await start_emulator(latency=1.0)
+    proxy = await start_proxy(str(server.make_url("")), max_upstream_calls=2)
+    limits = proxy.server.app[LIMITS]
+    body = {"image": b64(), "upscaling_resize": 2}
+    first = await upscale(proxy, body)  # a task to poll later (1 s: V3 is slow)
+    assert first["code"] == 0
+
+    waiting = [asyncio.create_task(upscale(proxy, body)) for _ in range(2)]
+    await until(lambda: limits.upstream_calls == 2, "two submissions waiting on V3")
+    started = time.perf_counter()
+    shed = await upscale(proxy, body)
+    assert shed["code"] == 5 and "waiting on V3" in shed["msg"], shed
+    assert time.perf_counter() - started < BOUND and not any(t.done() for t in waiting)  # at once
+    poll = await v2_call(proxy, "GET", f"/v2/progress?task_id={first['data']['task_id']}")
+    assert poll["code"] == 0, poll  # polls are not shed
+
+    assert [(await t)["code"] for t in waiting] == [0, 0]
+    assert (await upscale(proxy, body))["code"] == 0  # the places are given back
+    async with proxy.get("/metrics") as resp:
+        assert 'upscale_proxy_limits_refused_total{limit="upstream_calls"} 1.0' in await resp.text()
+
+
+async def test__polls_answer_while_the_byte_budget_sheds_submissions(emulator, start_proxy):
+    server, _ = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    reply = await upscale(proxy, {"image": b64(), "upscaling_resize": 2})
+    _, holder = await send_raw(proxy, head(1024 * 1024 - 100) + b"{")  # all but 100 bytes of the budget
+    await until(lambda: proxy.server.app[LIMITS].bytes_in_flight > 0, "the budget to be taken")
+    for _ in range(3):
+        assert (await upscale(proxy, {"image": b64(), "upscaling_resize": 2}))["code"] == 5
+        poll = await v2_call(proxy, "GET", f"/v2/progress?task_id={reply['data']['task_id']}")
+        assert poll["code"] == 0, poll
+    assert (await poll_until_done(proxy, reply["data"]["task_id"]))["status"] == 2
+    await close(holder)
+
+
+# --- the emulator's store ------------------------------------------------------------------------
+
+async def v3_submit(client, image: str) -> str:
+    async with client.post("/v3/async/upscale", headers=AUTH, json={
+            "request": {"model_name": "RealESRNet_x4plus", "image_base64": image, "scale_factor": 2}}) as resp:
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["task_id"]
+
+
+async def v3_status(client, task_id: str) -> int:
+    async with client.get("/v3/async/task-result", params={"task_id": task_id}, headers=AUTH) as resp:
+        return resp.status
+
+
+async def test__emulator_store__keeps_at_most_max_tasks_the_oldest_dropped_first(emulator, aiohttp_client):
+    server, emu = emulator
+    client = await aiohttp_client(server)
+    emu.tasks.max_tasks = 3
+    ids = [await v3_submit(client, b64()) for _ in range(5)]
+    assert len(emu.tasks) == 3
+    assert [await v3_status(client, task_id) for task_id in ids] == [404, 404, 200, 200, 200]
+
+
+async def test__emulator_store__keeps_at_most_max_bytes_of_images(emulator, aiohttp_client):
+    server, emu = emulator
+    client = await aiohttp_client(server)
+    image = noise_b64(200)
+    size = len(base64.b64decode(image))
+    emu.tasks.max_bytes = int(2.5 * size)
+    ids = [await v3_submit(client, image) for _ in range(5)]
+    assert len(emu.tasks) == 2 and emu.tasks.bytes == 2 * size
+    assert [await v3_status(client, task_id) for task_id in ids] == [404, 404, 404, 200, 200]
+
+
+async def test__emulator_store__drops_the_input_once_upscaled_and_the_result_once_expired(
+        start_emulator, aiohttp_client):
+    server, emu = await start_emulator(image_url_ttl=1)
+    client = await aiohttp_client(server)
+    task_id = await v3_submit(client, b64())
+    assert emu.tasks.bytes == len(base64.b64decode(b64()))
+    async with asyncio.timeout(BOUND):
+        while True:
+            async with client.get("/v3/async/task-result", params={"task_id": task_id}, headers=AUTH) as resp:
+                doc = await resp.json()
+            if doc["task"]["status"] == "TASK_STATUS_SUCCEED":
+                break
+            await asyncio.sleep(0.02)
+    task = emu.tasks[task_id]
+    assert task.image == b"" and emu.tasks.bytes == len(task.result)  # the input is gone
+
+    emu.sweep(task.completes + 2)  # its URL has expired: the result goes, the task stays a while
+    assert task.result is None and emu.tasks.bytes == 0
+    assert await v3_status(client, task_id) == 200
+    emu.sweep(task.completes + 120)
+    assert len(emu.tasks) == 0
