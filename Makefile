@@ -24,9 +24,9 @@ test: install
 
 bench: install
 	tests/bench/run.sh
-	$(VENV)/bin/python tests/bench/compose.py
-	$(VENV)/bin/python tests/bench/polls.py
-	$(VENV)/bin/python tests/bench/load.py
+	$(VENV)/bin/python -m tests.bench.compose
+	$(VENV)/bin/python -m tests.bench.polls
+	$(VENV)/bin/python -m tests.bench.load
 
 clean:
 	rm -rf $(VENV) .pytest_cache

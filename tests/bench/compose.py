@@ -10,7 +10,7 @@ The emulator (no queue or processing delay) and the proxy run as separate proces
 upscales are forced on the emulator first, by polling it directly, so that the timed poll measures
 the proxy alone.
 
-    .venv/bin/python tests/bench/compose.py [--runs 5] [--concurrent 8]
+    .venv/bin/python -m tests.bench.compose [--runs 5] [--concurrent 8]
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,14 +31,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
-KEY = {"Authorization": "Bearer bench-key"}
-BIN = Path(sys.executable).with_name("upscale-v2-proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.bench.common import BIN, KEY, free_port, rss_mb, wait_port
 
 
 def body() -> dict:
@@ -56,20 +47,6 @@ def body() -> dict:
             "extras_upscaler_2_visibility": 0.4}
 
 
-def mem(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(100):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"port {port} never opened")
 
 
 class Bench:
@@ -161,7 +138,7 @@ async def main() -> None:
 
             ids = [await bench.submit(http, doc) for _ in range(a.concurrent)]
             await asyncio.gather(*(bench.settle_v3(http, task_id) for task_id in ids))
-            before = mem(proxy.pid, "VmRSS")
+            before = rss_mb(proxy.pid, "VmRSS")
             with open(f"/proc/{proxy.pid}/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             started = time.perf_counter()
@@ -171,7 +148,7 @@ async def main() -> None:
             wall = time.perf_counter() - started
             done.set()
             polls = sorted(await poller)
-            peak = mem(proxy.pid, "VmHWM")
+            peak = rss_mb(proxy.pid, "VmHWM")
         print(f"composed task: 520x600 -> 2048x2048 (cover 3.94, crop, blend of 2 upscalers), output {size}")
         print(f"last V3 success -> imgs answer, {a.runs} runs: p50 {statistics.median(latencies):.0f} ms, "
               f"min {min(latencies):.0f} ms, max {max(latencies):.0f} ms")

@@ -1,7 +1,7 @@
 """Load test (not a test): many concurrent 4 MB submissions and their polls, against the proxy's limits.
 
 The V3 emulator and the proxy run as separate processes on free loopback ports, the proxy with the
-environment of this one (so `UPSCALE_PROXY_MAX_INFLIGHT_MB=64 tests/bench/load.py` tries another
+environment of this one (so `UPSCALE_PROXY_MAX_INFLIGHT_MB=64 .venv/bin/python -m tests.bench.load` tries another
 budget, `MALLOC_ARENA_MAX=2 ...` another allocator tuning), and the emulator too (so
 `UPSCALE_PROXY_EMULATOR_LATENCY=1 UPSCALE_PROXY_MAX_UPSTREAM_CALLS=16 ...` makes V3 slow enough to
 hit the cap on calls waiting on it). `--clients` clients each submit a V2 body with a real PNG of
@@ -14,7 +14,7 @@ Reported: submissions/s and polls/s, p50/p99 latency of each, V2 codes (code 5 f
 told apart), `/healthz` latency during the load, and the proxy's RSS (from /proc): idle before the
 load, peak, right after and `--settle` seconds after.
 
-    .venv/bin/python tests/bench/load.py [--clients 64] [--submissions 600] [--duration 60] [--settle 60]
+    .venv/bin/python -m tests.bench.load [--clients 64] [--submissions 600] [--duration 60] [--settle 60]
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import multiprocessing
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -44,26 +42,11 @@ import aiohttp
 import orjson
 from PIL import Image
 
-KEY = {"Authorization": "Bearer bench-key"}
-BIN = Path(sys.executable).with_name("upscale-v2-proxy")
+from tests.bench.common import BIN, KEY, free_port, rss_mb, wait_port
+
 SHED = "the proxy is overloaded"  # how a code 5 from the proxy's own limits begins
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(100):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"port {port} never opened")
 
 
 def body(seed: int, mb: float) -> bytes:
@@ -74,10 +57,6 @@ def body(seed: int, mb: float) -> bytes:
     image.save(buf, "PNG", compress_level=1)
     return orjson.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "upscaling_resize": 1.5})
 
-
-def rss_mb(pid: int, key: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def cpu_seconds(pid: int) -> float:

@@ -9,7 +9,7 @@ UPSCALE_PROXY_POLL_CACHE_SECONDS=0 measures the proxy without its fresh window).
 in this process, which is how its calls are counted. Everything is on loopback, bounded by
 `--clients` and `--deadline`.
 
-    .venv/bin/python tests/bench/polls.py [--clients 50] [--interval 0.5] [--pace fixed|after-reply]
+    .venv/bin/python -m tests.bench.polls [--clients 50] [--interval 0.5] [--pace fixed|after-reply]
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import base64
 import io
 import os
 import random
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,15 +31,7 @@ from aiohttp import web
 from PIL import Image
 
 from proxy.emulator import EMULATOR, EmulatorSettings, create_emulator_app
-
-KEY = {"Authorization": "Bearer bench-key"}
-BIN = Path(sys.executable).with_name("upscale-v2-proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.bench.common import BIN, KEY, free_port, wait_port
 
 
 def png_b64(seed: int) -> str:
@@ -50,16 +40,6 @@ def png_b64(seed: int) -> str:
     image.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
-
-async def wait_port(port: int) -> None:
-    for _ in range(100):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"port {port} never opened")
 
 
 async def client(http: aiohttp.ClientSession, proxy: str, seed: int, a: argparse.Namespace,
