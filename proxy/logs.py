@@ -22,6 +22,8 @@ import atexit
 import io
 import ipaddress
 import logging
+import os
+import select
 import sys
 import threading
 import time
@@ -71,25 +73,58 @@ class _LineLogger:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
+class _WholeLines(io.RawIOBase):
+    """stdout as several processes share it (`serve --workers`): each write is cut at line ends into
+    writes of at most PIPE_BUF bytes, which a pipe never interleaves with another process's."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        view, start = memoryview(data), 0
+        while start < len(view):
+            end = start + select.PIPE_BUF
+            if end < len(view):
+                cut = bytes(view[start:end]).rfind(b"\n")
+                end = start + cut + 1 if cut >= 0 else end  # a line longer than PIPE_BUF goes as it is
+            start += os.write(self._fd, view[start:min(end, len(view))])
+        return len(view)
+
+
+def _with_pid(_logger: object, _name: str, event: dict) -> dict:
+    event["pid"] = os.getpid()
+    return event
+
+
 def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info",
-              stream: BinaryIO | None = None, cache: bool = True) -> None:
+              stream: BinaryIO | None = None, cache: bool = True, shared: bool = False) -> None:
     """Configure structlog and stdlib logging process-wide; `stream` (binary) defaults to stdout,
     buffered.
 
-    `cache=False` lets a later call (tests) reconfigure loggers that were already used.
+    `cache=False` lets a later call (tests) reconfigure loggers that were already used. `shared`:
+    several processes write to this stdout (`serve --workers`): each line names its process
+    (`pid`), and no line is cut by another's.
     """
     global _stream, _library
-    console = fmt == "console" or (fmt == "auto" and (stream or sys.stdout).isatty())
+    tty = _isatty(stream or sys.stdout)
+    console = fmt == "console" or (fmt == "auto" and tty)
     processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
-    if console:  # for people: each line at once
-        processors += [_redacted, structlog.dev.ConsoleRenderer()]
+    if shared:
+        processors.append(_with_pid)
+    if console:  # for people: each line at once; colours only on a terminal, never into a file
+        processors += [_redacted, structlog.dev.ConsoleRenderer(colors=tty)]
         text = sys.stdout if stream is None else io.TextIOWrapper(stream, write_through=True)
         factory: Any = structlog.PrintLoggerFactory(text)
     else:
         if stream is None:
             # our own buffer over stdout: sys.stdout.buffer is unbuffered under PYTHONUNBUFFERED=1,
             # which containers often set, and a write per line is a syscall per request
-            stream = io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False), 64 * 1024)
+            raw = _WholeLines(sys.stdout.fileno()) if shared else io.FileIO(sys.stdout.fileno(), "wb", closefd=False)
+            stream = io.BufferedWriter(raw, 64 * 1024)
             atexit.register(stream.flush)
         _stream = stream
         processors += [
@@ -111,6 +146,13 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
         root.removeHandler(handler)
     root.addHandler(_library)
     root.setLevel(_library.level)
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # no such method, or a closed stream
+        return False
 
 
 @lru_cache

@@ -1,6 +1,13 @@
-"""Prometheus metrics, one registry per app (so several apps in one process don't collide)."""
+"""Prometheus metrics, one registry per app (so several apps in one process don't collide).
+
+Under `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by the parent process), prometheus-client's
+multiprocess mode: every worker writes its values to files there, and /metrics, whichever worker
+answers it, adds them all up."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,10 +17,31 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 disable_created_metrics()  # the *_created series double the output and no dashboard uses them
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def multiprocess() -> bool:
+    """Several worker processes share the metrics (set before prometheus_client is imported)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class _ReadAtScrape(Gauge):
+    """A gauge whose value a function gives. In multiprocess mode a function is not written to the
+    shared files: its value is set from the function at each scrape of this worker."""
+
+    _function: Callable[[], float] | None = None
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        super().set_function(f)
+        self._function = f
+
+    def refresh(self) -> None:
+        if self._function is not None:
+            self.set(self._function())
 
 
 class Metrics:
@@ -28,7 +56,7 @@ class Metrics:
         self.upstream_seconds = Histogram("upscale_proxy_upstream_seconds", "V3 call latency, by call",
                                           ["call"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("upscale_proxy_in_flight_requests", "V2 and V3 requests being handled",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.composed_tasks = Counter("upscale_proxy_composed_tasks", "composed tasks by state reached",
                                       ["state"], registry=r)
         self.v3_passthrough = Counter("upscale_proxy_v3_passthrough", "V3 calls passed through, by status",
@@ -36,9 +64,10 @@ class Metrics:
         self.poll_cache = Counter("upscale_proxy_poll_cache", "direct-path polls by how they were answered",
                                   ["outcome"], registry=r)
         # the V3 client's circuit breaker (proxy/v3/breaker.py), read at each scrape
-        self.v3_breaker = Gauge("upscale_proxy_v3_breaker_state",
-                                "V3 circuit breaker: 0 closed, 1 half-open (a probe may go), 2 open (calls fail fast)",
-                                registry=r)
+        self.v3_breaker = _ReadAtScrape(
+            "upscale_proxy_v3_breaker_state",
+            "V3 circuit breaker: 0 closed, 1 half-open (a probe may go), 2 open (calls fail fast)",
+            registry=r, multiprocess_mode="livemax")
         # proxy/limits.py: submissions shed (code 5) past a limit: bytes | upstream_calls
         self.limits_refused = Counter("upscale_proxy_limits_refused",
                                       "V2 submissions refused at once by the process's limits, by limit",
@@ -85,4 +114,9 @@ class Metrics:
         child.observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not multiprocess():
+            return generate_latest(self.registry)
+        self.v3_breaker.refresh()  # this worker's; the others' as of their last scrape
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
