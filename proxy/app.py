@@ -181,13 +181,28 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def stores(app: web.Application) -> AsyncIterator[None]:
-    """Composed tasks' state (SQLite) and bytes (files), under the data directory."""
+    """Composed tasks' state and bytes: in Redis when configured (replicas), else SQLite and files
+    under the data directory."""
     s = app[SETTINGS]
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    app[TASK_STORE] = SqliteTaskStore(s.data_dir / "tasks.sqlite3")
-    app[RESULTS] = FileResultStore(s.data_dir / "results")
-    yield
-    await app[TASK_STORE].close()
+    if s.redis_url is None:
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        app[TASK_STORE] = SqliteTaskStore(s.data_dir / "tasks.sqlite3")
+        app[RESULTS] = FileResultStore(s.data_dir / "results")
+        yield
+        await app[TASK_STORE].close()
+        return
+    from proxy.stores import redis  # only when configured
+
+    async with redis.connect(s.redis_url.get_secret_value(), s.redis_timeout) as client:
+        app[TASK_STORE] = redis.RedisTaskStore(client, s.redis_prefix)
+        app[RESULTS] = redis.RedisResultStore(client, s.redis_prefix)
+        try:
+            await client.ping()
+        except redis.exceptions.AuthenticationError:
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            log.warning("Redis is unreachable for now: composed tasks get code 5 until it is back", error=str(e))
+        yield
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:

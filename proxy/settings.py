@@ -173,6 +173,19 @@ class Settings(_PolicySettings):
         None, description="HMAC secret of key fingerprints (default: made once, kept in data_dir)"
     )
 
+    # redis
+    redis_url: SecretStr | None = Field(
+        None, description="redis:// or rediss:// URL of the Redis that replicas share for composed tasks, their "
+        "leases and their images (unset: SQLite and files in data_dir); needs UPSCALE_PROXY_FINGERPRINT_SECRET",
+    )
+    redis_prefix: str = Field(
+        "upscale-v2-proxy:", min_length=1, max_length=200,
+        description="prefix of every Redis key: proxies with the same URL and prefix share their tasks",
+    )
+    redis_timeout: float = Field(
+        5.0, gt=0, le=300, description="seconds to connect to Redis, and for one Redis command",
+    )
+
     # direct-path polls (proxy/v2/poll_cache.py)
     poll_cache_seconds: float = Field(
         1.0, ge=0, le=60, description="seconds a running direct task's V3 result answers polls (0: off)"
@@ -245,6 +258,20 @@ class Settings(_PolicySettings):
                 f"UPSCALE_PROXY_SUNSET_DATE ({self.sunset_date.isoformat()}) is earlier than "
                 f"UPSCALE_PROXY_DEPRECATION_DATE ({self.deprecation_date.isoformat()})"
             )
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"rediss?://\S+", value.get_secret_value()):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_for_replicas(self) -> "Settings":
+        if self.redis_url is not None and self.fingerprint_secret is None:
+            raise ValueError("UPSCALE_PROXY_REDIS_URL needs UPSCALE_PROXY_FINGERPRINT_SECRET: every replica "
+                             "must compute the same key fingerprints (a secret made in one data_dir is not shared)")
         return self
 
     @field_validator("public_url", "face_restorer_url")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,6 +14,7 @@ from proxy.app import create_app
 from proxy.emulator import EMULATOR, EmulatorSettings, create_emulator_app
 from proxy.emulator.app import Emulator
 from proxy.settings import Settings
+from tests.redis_server import RedisServer, redis_server_binary
 
 
 class LogLines:
@@ -76,3 +77,13 @@ async def emulator(start_emulator) -> tuple[TestServer, Emulator]:
 async def proxy(emulator, start_proxy) -> TestClient:
     server, _ = emulator
     return await start_proxy(str(server.make_url("")))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A real redis-server on loopback, one per test module (skipped where it isn't installed,
+    failed under CI=true)."""
+    server = RedisServer(redis_server_binary(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

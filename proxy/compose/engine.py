@@ -230,8 +230,11 @@ class TaskEngine:
                 self._keys.pop(task_id, None)
                 self._on_state(task.state)
         except asyncio.CancelledError:  # shutting down: another process may carry on at once
-            await self._tasks.release(task_id, self._owner)
+            with contextlib.suppress(Exception):
+                await self._tasks.release(task_id, self._owner)
             raise
+        except Exception as e:  # the task store failed (Redis down): the lease lapses, a later step retries
+            log.warning("task step could not reach the task store", task_id=task_id, error=str(e))
         finally:
             self._busy.discard(task_id)
 
@@ -339,7 +342,7 @@ class TaskEngine:
                 png = await self.faces.restore(png, gfpgan_visibility=faces.gfpgan_visibility,
                                                codeformer_visibility=faces.codeformer_visibility,
                                                codeformer_weight=faces.codeformer_weight)
-        await self._results.put(f"{task.task_id}.png", png)
+        await self._results.put(f"{task.task_id}.png", png, ttl=task.plan.ttl)
         await self._results.delete(f"{task.task_id}.input")
         now = self._clock()
         task.expires_at = now + task.plan.ttl

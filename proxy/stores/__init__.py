@@ -2,7 +2,8 @@
 (bytes: inputs and composed images).
 
 Both are small interfaces; the embedded defaults are SQLite and files under one data directory,
-so any number of processes on one machine share them, and a restarted proxy carries on.
+so any number of processes on one machine share them, and a restarted proxy carries on. Replicas
+on many machines share Redis instead (`proxy.stores.redis`, imported only when configured).
 """
 
 from proxy.stores.base import ResultStore, TaskStore

@@ -1,4 +1,4 @@
-"""The store interfaces. A Redis implementation, for replicas on many machines, fits behind them."""
+"""The store interfaces: SQLite and files embedded (sqlite.py, files.py), Redis for replicas (redis.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class TaskStore(Protocol):
 
 
 class ResultStore(Protocol):
-    async def put(self, name: str, data: bytes) -> None: ...
+    async def put(self, name: str, data: bytes, ttl: float | None = None) -> None:
+        """Store `data` under `name`. A store with native expiry drops it after `ttl` seconds; the
+        others keep it until it is deleted (the engine's sweep deletes what expired)."""
 
     async def get(self, name: str) -> bytes | None: ...
 

@@ -21,7 +21,7 @@ class FileResultStore:
             raise ValueError(f"bad blob name {name!r}")
         return self._folder / name
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes, ttl: float | None = None) -> None:  # the sweep expires it
         await asyncio.to_thread(self._write, self._path(name), data)
 
     def _write(self, path: Path, data: bytes) -> None:

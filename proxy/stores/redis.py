@@ -1,0 +1,200 @@
+"""The stores for replicas on many machines: Redis holds the tasks, their leases, the queue of due
+tasks and the blobs (with native TTLs), under one key prefix.
+
+    <prefix>task:<id>   the task, as JSON
+    <prefix>leases      hash: task id -> "<until> <owner>", while a process holds the task
+    <prefix>due         sorted set: running task ids by due_at
+    <prefix>purge       sorted set: every task id by purge_at
+    <prefix>blob:<name> the bytes of an input or a composed image, with a TTL when given one
+
+Each change to a task and its lease is one Lua script, so two replicas never both change a task.
+Times are passed in, as in every store; floats go to Redis as their repr and are compared there.
+
+A lost connection (Redis down, restarting, too slow) raises V2Error code 5, "retry", from every
+method: the poll or submission that met it tells its client so, and the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
+from redis import exceptions
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.compose.task import ComposedTask, TaskState
+from proxy.errors import V2Code, V2Error
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+
+UNAVAILABLE = "the task store is unavailable, retry"
+
+
+def connect(url: str, timeout: float) -> Redis:
+    """A client (a connection pool, connected on first use) for `redis://` or `rediss://` URLs.
+
+    One immediate retry on a connection error mends a pooled connection that a restart of Redis
+    broke; an outage then fails fast instead of holding polls in back-offs."""
+    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                          retry=Retry(NoBackoff(), 1, supported_errors=(exceptions.ConnectionError,)))
+
+
+def _unavailable(method: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[Concatenate[S, P], Awaitable[R]]:
+    @functools.wraps(method)
+    async def mapped(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except (exceptions.ConnectionError, exceptions.TimeoutError) as e:
+            raise V2Error(V2Code.HOST_UNAVAILABLE, UNAVAILABLE) from e
+
+    return mapped
+
+
+# KEYS: task, due, purge; ARGV: id, doc, running (1/0), due_at, purge_at
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.error_reply('task ' .. ARGV[1] .. ' exists') end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+return 1
+"""
+
+# KEYS: task, leases; ARGV: id, owner, now, until
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local lease = redis.call('HGET', KEYS[2], ARGV[1])
+if lease and tonumber(string.match(lease, '^%S+')) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[2])
+return 1
+"""
+
+# KEYS: task, leases, due, purge; ARGV: id, owner, doc, running (1/0), due_at, purge_at
+_SAVE = """
+local lease = redis.call('HGET', KEYS[2], ARGV[1])
+if not lease or string.match(lease, '^%S+ (.*)$') ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1]) else redis.call('ZREM', KEYS[3], ARGV[1]) end
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
+return 1
+"""
+
+# KEYS: leases; ARGV: id, owner
+_RELEASE = """
+local lease = redis.call('HGET', KEYS[1], ARGV[1])
+if lease and string.match(lease, '^%S+ (.*)$') == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: due, leases; ARGV: now, limit. Leased tasks are skipped, a bounded number of them per call.
+_DUE = """
+local now, limit, out, offset, chunk = tonumber(ARGV[1]), tonumber(ARGV[2]), {}, 0, 256
+while #out < limit and offset < 100000 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', offset, chunk)
+  for _, id in ipairs(ids) do
+    local lease = redis.call('HGET', KEYS[2], id)
+    if not lease or tonumber(string.match(lease, '^%S+')) < now then
+      out[#out + 1] = id
+      if #out >= limit then break end
+    end
+  end
+  if #ids < chunk then break end
+  offset = offset + chunk
+end
+return out
+"""
+
+
+class RedisTaskStore:
+    """Composed tasks in Redis, shared by every replica that has the same URL and prefix."""
+
+    def __init__(self, client: Redis, prefix: str) -> None:
+        self._redis, self._prefix = client, prefix
+        self._leases, self._due, self._purge = f"{prefix}leases", f"{prefix}due", f"{prefix}purge"
+        self._create = client.register_script(_CREATE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._save = client.register_script(_SAVE)
+        self._release = client.register_script(_RELEASE)
+        self._due_ids = client.register_script(_DUE)
+
+    def _key(self, task_id: str) -> str:
+        return f"{self._prefix}task:{task_id}"
+
+    @_unavailable
+    async def create(self, task: ComposedTask) -> None:
+        await self._create(keys=[self._key(task.task_id), self._due, self._purge],
+                           args=[task.task_id, task.model_dump_json(), _running(task), repr(task.due_at),
+                                 repr(task.purge_at)])
+
+    @_unavailable
+    async def get(self, task_id: str) -> ComposedTask | None:
+        doc = await self._redis.get(self._key(task_id))
+        return ComposedTask.model_validate_json(doc) if doc is not None else None
+
+    @_unavailable
+    async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
+        return bool(await self._acquire(keys=[self._key(task_id), self._leases],
+                                        args=[task_id, owner, repr(now), repr(now + seconds)]))
+
+    @_unavailable
+    async def save(self, task: ComposedTask, owner: str) -> bool:
+        return bool(await self._save(
+            keys=[self._key(task.task_id), self._leases, self._due, self._purge],
+            args=[task.task_id, owner, task.model_dump_json(), _running(task), repr(task.due_at),
+                  repr(task.purge_at)],
+        ))
+
+    @_unavailable
+    async def release(self, task_id: str, owner: str) -> None:
+        await self._release(keys=[self._leases], args=[task_id, owner])
+
+    @_unavailable
+    async def due(self, now: float, limit: int) -> list[str]:
+        ids = await self._due_ids(keys=[self._due, self._leases], args=[repr(now), limit])
+        return [i.decode() for i in ids]
+
+    @_unavailable
+    async def purgeable(self, now: float) -> list[str]:
+        return [i.decode() for i in await self._redis.zrangebyscore(self._purge, "-inf", f"({now!r}")]
+
+    @_unavailable
+    async def delete(self, task_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as tx:
+            tx.delete(self._key(task_id)).hdel(self._leases, task_id)
+            tx.zrem(self._due, task_id).zrem(self._purge, task_id)
+            await tx.execute()
+
+    async def close(self) -> None:
+        """Nothing: the client is shared with the result store, and closed by whoever made it."""
+
+
+class RedisResultStore:
+    """Blobs in Redis; one given a TTL (a composed image, for its `img_expire_ttl`) expires by itself."""
+
+    def __init__(self, client: Redis, prefix: str) -> None:
+        self._redis, self._prefix = client, prefix
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}blob:{name}"
+
+    @_unavailable
+    async def put(self, name: str, data: bytes, ttl: float | None = None) -> None:
+        await self._redis.set(self._key(name), data, px=max(int(ttl * 1000), 1) if ttl is not None else None)
+
+    @_unavailable
+    async def get(self, name: str) -> bytes | None:
+        return await self._redis.get(self._key(name))
+
+    @_unavailable
+    async def delete(self, name: str) -> None:
+        await self._redis.delete(self._key(name))
+
+
+def _running(task: ComposedTask) -> str:
+    return "1" if task.state == TaskState.RUNNING else "0"
