@@ -1,6 +1,7 @@
 """The task engine: composed tasks move on in the background; polls answer at once from what is
 stored, never wait for V3, a fetch or a composition; progress only moves forward; failures that
-can't heal end the task at once; a rate limit is waited out; another process takes a task over."""
+can't heal end the task at once; a rate limit is waited out; another process takes a task over.
+The task store's own contract (leases, due tasks) is tests/test_stores.py, over both backends."""
 
 from __future__ import annotations
 
@@ -17,11 +18,8 @@ import zlib
 import pytest
 from aiohttp import web
 
-from proxy.compose.task import ComposedTask, TaskState, is_composed_id
+from proxy.compose.task import is_composed_id
 from proxy.keys import TASKS
-from proxy.stores import SqliteTaskStore
-from proxy.translate.plan import Plan
-from proxy.translate.steps import ReadInput
 from tests.helpers import (
     AUTH,
     free_port,
@@ -176,41 +174,3 @@ async def test__a_killed_process__its_task_is_finished_by_another(emulator, star
     data = await poll_until_done(second, task_id)
     assert data["status"] == 2
     assert emu.requests["submit"] == 3  # each pass submitted once, whichever process did it
-
-
-# --- the store's contract: leases and due tasks, with times passed in ---------------------------------
-
-def stored_task(task_id: str, due_at: float) -> ComposedTask:
-    plan = Plan(profile="v1.3", input_size=(1, 1), output_size=(1, 1), read=ReadInput())
-    return ComposedTask(task_id=task_id, fingerprint="fp", plan=plan, created=0, deadline=100, due_at=due_at,
-                        purge_at=200)
-
-
-async def test__task_store__a_write_under_a_lapsed_lease_does_not_take(tmp_path):
-    store = SqliteTaskStore(tmp_path / "t.sqlite3")
-    task = stored_task("a", due_at=5)
-    await store.create(task)
-    assert await store.acquire("a", "one", now=10, seconds=30)
-    assert not await store.acquire("a", "two", now=20, seconds=30)  # still held
-    assert await store.acquire("a", "two", now=41, seconds=30)  # lapsed: taken over
-    task.reason = "written by one"
-    assert not await store.save(task, "one")
-    assert (await store.get("a")).reason == ""
-    task.reason = "written by two"
-    assert await store.save(task, "two")
-    assert (await store.get("a")).reason == "written by two"
-    await store.close()
-
-
-async def test__task_store__due_tasks_are_running_past_their_time_and_free(tmp_path):
-    store = SqliteTaskStore(tmp_path / "t.sqlite3")
-    for task_id, due_at in (("late", 1), ("later", 3), ("future", 50)):
-        await store.create(stored_task(task_id, due_at))
-    done = stored_task("done", 0)
-    done.state = TaskState.SUCCEEDED
-    await store.create(done)
-    assert await store.due(now=10, limit=10) == ["late", "later"]
-    assert await store.acquire("late", "me", now=10, seconds=5)
-    assert await store.due(now=10, limit=10) == ["later"]
-    assert await store.due(now=10, limit=1) == ["later"]
-    await store.close()
