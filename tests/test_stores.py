@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
 from proxy.compose.task import ComposedTask, TaskState
@@ -19,7 +21,14 @@ from proxy.stores import FileResultStore, ResultStore, SqliteTaskStore, TaskStor
 from proxy.stores.redis import RedisResultStore, RedisTaskStore, connect
 from proxy.translate.plan import Plan
 from proxy.translate.steps import ReadInput
-from tests.helpers import poll_until_done, upscale, v2_call
+from tests.helpers import (
+    AUTH,
+    free_port,
+    poll_until_done,
+    upscale,
+    v2_call,
+    wait_for_port,
+)
 from tests.images import encode, pattern
 from tests.redis_server import RedisServer, redis_server_binary
 
@@ -195,6 +204,34 @@ async def test__two_replicas__a_task_submitted_to_one_and_polled_on_both__is_com
     async with second.get(f"/v2/images/{task_id}.png") as resp:  # the image is in Redis, for both
         assert resp.status == 200 and (await resp.read()).startswith(b"\x89PNG")
     assert not (tmp_path / "a" / "tasks.sqlite3").exists()
+
+
+async def test__a_replica_killed_mid_task__another_replica_on_the_same_redis_finishes_it(
+        redis_server, start_emulator, start_proxy, tmp_path):
+    """SIGKILL a real `serve` process with a task in flight; a poll to another replica (another
+    data directory, the same Redis) brings the key there, and that replica finishes the task."""
+    server, emu = await start_emulator(queue_delay=0.1, process_delay=0.4)
+    upstream, prefix, port = str(server.make_url("")), f"test-{uuid.uuid4().hex}:", free_port()
+    env = {**os.environ, "UPSCALE_PROXY_DATA_DIR": str(tmp_path / "a"), "UPSCALE_PROXY_REDIS_URL": redis_server.url,
+           "UPSCALE_PROXY_REDIS_PREFIX": prefix, "UPSCALE_PROXY_FINGERPRINT_SECRET": "shared secret",
+           "UPSCALE_PROXY_TASK_LEASE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_for_port(port)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/v2/upscale", headers=AUTH, json={
+                    "image": base64.b64encode(encode(pattern(5, 3))).decode(), "upscaler_1": "4x-UltraSharp",
+                    "upscaling_resize": 20}) as resp:
+                task_id = (await resp.json())["data"]["task_id"]
+            await asyncio.sleep(0.7)  # the first pass is done and the second submitted, by the first replica
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    second = await replica(start_proxy, upstream, redis_server.url, prefix, tmp_path / "b", task_lease=1)
+    data = await poll_until_done(second, task_id)
+    assert data["status"] == 2
+    assert emu.requests["submit"] == 3  # each pass submitted once, whichever replica did it
 
 
 async def test__redis_restarted_mid_task__polls_get_code_5_then_the_task_completes(
