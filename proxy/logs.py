@@ -37,7 +37,7 @@ import orjson
 import structlog
 
 from proxy.audit import EVENT as AUDIT_EVENT
-from proxy.translate.errors import redact
+from proxy.redact import redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FLUSH_EVERY = 0.5

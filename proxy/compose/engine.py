@@ -35,8 +35,8 @@ from proxy.compose.fetch import FetchError, ImageFetcher
 from proxy.compose.images import ImageTooLarge, compose, v3_input_png
 from proxy.compose.task import ComposedTask, TaskState, new_task_id
 from proxy.errors import V2Code, V2Error, V2Status
+from proxy.redact import redact
 from proxy.stores import ResultStore, TaskStore
-from proxy.translate.errors import redact
 from proxy.translate.plan import Plan
 from proxy.translate.progress import v2_progress
 from proxy.translate.steps import ReadInput, V3Job

@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from proxy.translate.errors import redact
+from proxy.redact import redact
 
 SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -4,35 +4,15 @@ A V3StatusError maps by the table in mappings/errors.toml: its `reason` first, t
 status, then the fallback for the status class. The client-level errors map to fixed codes:
 unreachable 5, timeout 9, an unreadable 200 -1.
 
-Whatever came from upstream (V3's error messages, a task's failure reason, a webhook's fields, a
-pass-through error body) goes through `redact` before it is logged or returned: it is the one
-place where the caller's key is scrubbed.
+The key the caller sent is scrubbed from what V3 said (`proxy.redact`).
 """
 
 from __future__ import annotations
 
-import re
-from urllib.parse import quote
-
 from proxy.errors import V2Code, V2Error
 from proxy.mappings import ErrorTable
+from proxy.redact import redact
 from proxy.v3.errors import V3Error, V3StatusError, V3Timeout, V3Unreachable
-
-REDACTED = "[redacted]"
-# any bearer token (RFC 6750's b64token), whoever's: `Bearer KEY`, `Authorization: Bearer KEY`, `bearer%20KEY`
-_BEARER = re.compile(r"(?i)(bearer(?:\s|%20|\+)+)[A-Za-z0-9\-._~+/]+=*")
-
-
-def redact(text: str, key: str | None = None) -> str:
-    """`text` without the caller's key (as sent, URL- or JSON-escaped, in any case) and without any
-    `Bearer <token>`: what upstream says may echo what it was sent. Without a key, only the
-    bearer tokens go."""
-    if not text:
-        return text
-    if key:
-        forms = sorted({key, quote(key, safe=""), key.replace("/", "\\/")}, key=len, reverse=True)
-        text = re.sub("|".join(map(re.escape, forms)), REDACTED, text, flags=re.IGNORECASE)
-    return _BEARER.sub(r"\g<1>" + REDACTED, text)
 
 
 def to_v2_error(err: V3Error, table: ErrorTable, key: str | None = None) -> V2Error:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from proxy.errors import V2Status
-from proxy.translate.errors import redact
+from proxy.redact import redact
 from proxy.v3.models import TaskResult
 
 

@@ -36,7 +36,8 @@ from proxy.keys import (
     Caller,
 )
 from proxy.limits import LIMITS, Overloaded
-from proxy.translate.errors import redact, to_v2_error
+from proxy.redact import redact
+from proxy.translate.errors import to_v2_error
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import find_key
 from proxy.v2.reply import v2_reply

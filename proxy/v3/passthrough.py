@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.keys import METRICS, SESSION, UPSTREAM_URL
-from proxy.translate.errors import redact
+from proxy.redact import redact
 
 # RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
 HOP_BY_HOP = frozenset({
