@@ -130,7 +130,7 @@ class TaskEngine:
             outputs=[None] * len(plan.branches), started=not any(b.v3_jobs for b in plan.branches),
         )
         await self._results.put(f"{task.task_id}.input", source)
-        await self._tasks.create(task)
+        await self._tasks.create(task.record())
         self._keys[task.task_id] = key
         self._on_state(TaskState.RUNNING)
         self._wake.set()
@@ -145,7 +145,7 @@ class TaskEngine:
 
     async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
         """The V2 progress data of a composed task, from what is stored; None if there is none."""
-        task = await self._tasks.get(task_id)
+        task = ComposedTask.from_record(await self._tasks.get(task_id))
         if task is None:
             return None
         if task.fingerprint != fingerprint:
@@ -161,7 +161,7 @@ class TaskEngine:
         """The composed PNG while it is downloadable; None once expired or never made, or when the
         download carries another key than the task's (one without a key is the URL's own: V2's
         image URLs needed none, and the task id is unguessable)."""
-        task = await self._tasks.get(task_id)
+        task = ComposedTask.from_record(await self._tasks.get(task_id))
         if task is None or task.state != TaskState.SUCCEEDED or self._clock() > task.expires_at:
             return None
         if fingerprint is not None and fingerprint != task.fingerprint:
@@ -215,7 +215,7 @@ class TaskEngine:
         try:
             if not await self._tasks.acquire(task_id, self._owner, self._clock(), self._settings.lease):
                 return
-            task = await self._tasks.get(task_id)
+            task = ComposedTask.from_record(await self._tasks.get(task_id))
             if task is None or task.state != TaskState.RUNNING:
                 await self._tasks.release(task_id, self._owner)
                 return
@@ -224,7 +224,7 @@ class TaskEngine:
             except Exception:  # a bug: end the task rather than retry it forever
                 log.exception("task step failed", task_id=task_id)
                 self._end(task, TaskState.FAILED, "internal error", self._clock())
-            if not await self._tasks.save(task, self._owner):
+            if not await self._tasks.save(task.record(), self._owner):
                 log.warning("task lease lapsed before its step was stored", task_id=task_id)
             elif task.state != TaskState.RUNNING:
                 self._keys.pop(task_id, None)

@@ -13,6 +13,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from proxy.errors import V2Status
+from proxy.stores.base import TaskRecord
 from proxy.translate.plan import Plan
 
 
@@ -75,6 +76,15 @@ class ComposedTask(BaseModel):
         """A new estimate; it lowers the countdown, never raises it (an eta that jumps up reads as
         a stall to a client's progress bar)."""
         self.eta, self.eta_at = min(self.eta_now(now), seconds), now
+
+    def record(self) -> TaskRecord:
+        """The task as the stores hold it."""
+        return TaskRecord(self.task_id, self.model_dump_json(), self.state == TaskState.RUNNING,
+                          self.due_at, self.purge_at)
+
+    @classmethod
+    def from_record(cls, record: TaskRecord | None) -> ComposedTask | None:
+        return cls.model_validate_json(record.doc) if record is not None else None
 
     def advance_progress(self, units_done: int) -> None:
         """Progress as the share of the work done; it never goes back, and is 1 only when done."""

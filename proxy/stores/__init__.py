@@ -6,8 +6,8 @@ so any number of processes on one machine share them, and a restarted proxy carr
 on many machines share Redis instead (`proxy.stores.redis`, imported only when configured).
 """
 
-from proxy.stores.base import ResultStore, TaskStore
+from proxy.stores.base import ResultStore, TaskRecord, TaskStore
 from proxy.stores.files import FileResultStore
 from proxy.stores.sqlite import SqliteTaskStore
 
-__all__ = ["FileResultStore", "ResultStore", "SqliteTaskStore", "TaskStore"]
+__all__ = ["FileResultStore", "ResultStore", "SqliteTaskStore", "TaskRecord", "TaskStore"]

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.compose.task import ComposedTask
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A composed task as a store holds it: an opaque document (its owner, proxy.compose, reads and
+    writes it), and what a store indexes to find tasks that are due or may be purged."""
+
+    task_id: str
+    doc: str
+    running: bool  # only running tasks are ever due
+    due_at: float
+    purge_at: float
 
 
 class TaskStore(Protocol):
@@ -13,14 +24,14 @@ class TaskStore(Protocol):
     Times are passed in (epoch seconds), never read from a clock here, so that tests control them.
     """
 
-    async def create(self, task: ComposedTask) -> None: ...
+    async def create(self, task: TaskRecord) -> None: ...
 
-    async def get(self, task_id: str) -> ComposedTask | None: ...
+    async def get(self, task_id: str) -> TaskRecord | None: ...
 
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
         """Take the task's lease for `seconds`, unless another owner holds one that hasn't lapsed."""
 
-    async def save(self, task: ComposedTask, owner: str) -> bool:
+    async def save(self, task: TaskRecord, owner: str) -> bool:
         """Write the task and give the lease back. Only the lease holder writes: False when
         `owner` no longer holds the lease (it lapsed and another took it), and nothing is written."""
 

@@ -1,7 +1,7 @@
 """The stores for replicas on many machines: Redis holds the tasks, their leases, the queue of due
 tasks and the blobs (with native TTLs), under one key prefix.
 
-    <prefix>task:<id>   the task, as JSON
+    <prefix>task:<id>   the task record, as JSON (the task's own document inside)
     <prefix>leases      hash: task id -> "<until> <owner>", while a process holds the task
     <prefix>due         sorted set: running task ids by due_at
     <prefix>purge       sorted set: every task id by purge_at
@@ -20,13 +20,14 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
+import orjson
 from redis import exceptions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.compose.task import ComposedTask, TaskState
 from proxy.errors import V2Code, V2Error
+from proxy.stores.base import TaskRecord
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -127,15 +128,18 @@ class RedisTaskStore:
         return f"{self._prefix}task:{task_id}"
 
     @_unavailable
-    async def create(self, task: ComposedTask) -> None:
+    async def create(self, task: TaskRecord) -> None:
         await self._create(keys=[self._key(task.task_id), self._due, self._purge],
-                           args=[task.task_id, task.model_dump_json(), _running(task), repr(task.due_at),
+                           args=[task.task_id, _document(task), _running(task), repr(task.due_at),
                                  repr(task.purge_at)])
 
     @_unavailable
-    async def get(self, task_id: str) -> ComposedTask | None:
-        doc = await self._redis.get(self._key(task_id))
-        return ComposedTask.model_validate_json(doc) if doc is not None else None
+    async def get(self, task_id: str) -> TaskRecord | None:
+        stored = await self._redis.get(self._key(task_id))
+        if stored is None:
+            return None
+        doc = orjson.loads(stored)
+        return TaskRecord(task_id, doc["doc"], doc["running"], doc["due_at"], doc["purge_at"])
 
     @_unavailable
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
@@ -143,10 +147,10 @@ class RedisTaskStore:
                                         args=[task_id, owner, repr(now), repr(now + seconds)]))
 
     @_unavailable
-    async def save(self, task: ComposedTask, owner: str) -> bool:
+    async def save(self, task: TaskRecord, owner: str) -> bool:
         return bool(await self._save(
             keys=[self._key(task.task_id), self._leases, self._due, self._purge],
-            args=[task.task_id, owner, task.model_dump_json(), _running(task), repr(task.due_at),
+            args=[task.task_id, owner, _document(task), _running(task), repr(task.due_at),
                   repr(task.purge_at)],
         ))
 
@@ -196,5 +200,11 @@ class RedisResultStore:
         await self._redis.delete(self._key(name))
 
 
-def _running(task: ComposedTask) -> str:
-    return "1" if task.state == TaskState.RUNNING else "0"
+def _running(task: TaskRecord) -> str:
+    return "1" if task.running else "0"
+
+
+def _document(task: TaskRecord) -> bytes:
+    """What `<prefix>task:<id>` holds: the owner's document and the record's index fields."""
+    return orjson.dumps({"doc": task.doc, "running": task.running, "due_at": task.due_at,
+                         "purge_at": task.purge_at})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from proxy.compose.task import ComposedTask, TaskState
+from proxy.stores.base import TaskRecord
 
 # `composed_tasks`, not the `tasks` table of releases before typed tasks: their rows can't be read
 _SCHEMA = """
@@ -35,15 +35,16 @@ class SqliteTaskStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
 
-    async def create(self, task: ComposedTask) -> None:
+    async def create(self, task: TaskRecord) -> None:
         self._db.execute(
             "INSERT INTO composed_tasks (task_id, doc, state, due_at, purge_at) VALUES (?, ?, ?, ?, ?)",
-            (task.task_id, task.model_dump_json(), task.state, task.due_at, task.purge_at),
+            (task.task_id, task.doc, _state(task), task.due_at, task.purge_at),
         )
 
-    async def get(self, task_id: str) -> ComposedTask | None:
-        row = self._db.execute("SELECT doc FROM composed_tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return ComposedTask.model_validate_json(row[0]) if row else None
+    async def get(self, task_id: str) -> TaskRecord | None:
+        row = self._db.execute("SELECT doc, state, due_at, purge_at FROM composed_tasks WHERE task_id = ?",
+                               (task_id,)).fetchone()
+        return TaskRecord(task_id, _text(row[0]), row[1] == _RUNNING, row[2], row[3]) if row else None
 
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
         cur = self._db.execute(
@@ -52,11 +53,11 @@ class SqliteTaskStore:
         )
         return cur.rowcount == 1
 
-    async def save(self, task: ComposedTask, owner: str) -> bool:
+    async def save(self, task: TaskRecord, owner: str) -> bool:
         cur = self._db.execute(
             "UPDATE composed_tasks SET doc = ?, state = ?, due_at = ?, purge_at = ?, lease_owner = NULL,"
             " lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
-            (task.model_dump_json(), task.state, task.due_at, task.purge_at, task.task_id, owner),
+            (task.doc, _state(task), task.due_at, task.purge_at, task.task_id, owner),
         )
         return cur.rowcount == 1
 
@@ -69,7 +70,7 @@ class SqliteTaskStore:
     async def due(self, now: float, limit: int) -> list[str]:
         rows = self._db.execute(
             "SELECT task_id FROM composed_tasks WHERE state = ? AND due_at <= ? AND lease_until < ?"
-            " ORDER BY due_at LIMIT ?", (TaskState.RUNNING, now, now, limit),
+            " ORDER BY due_at LIMIT ?", (_RUNNING, now, now, limit),
         )
         return [r[0] for r in rows]
 
@@ -81,3 +82,14 @@ class SqliteTaskStore:
 
     async def close(self) -> None:
         self._db.close()
+
+
+_RUNNING = "running"
+
+
+def _state(task: TaskRecord) -> str:
+    return _RUNNING if task.running else "ended"
+
+
+def _text(doc: str | bytes) -> str:
+    return doc.decode() if isinstance(doc, bytes) else doc
