@@ -33,6 +33,7 @@ from proxy.keys import (
     SECRET,
     SESSION,
     SETTINGS,
+    SHARED_RESULTS,
     TASK_STORE,
     TASKS,
     TRANSLATOR,
@@ -89,11 +90,11 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_post(webhooks.ROUTE, webhooks.handler(app[WEBHOOKS], partial(_webhook_result, app)))
 
 
-def _webhook_result(app: web.Application, owner: webhooks.Owner, result: TaskResult) -> None:
+async def _webhook_result(app: web.Application, owner: webhooks.Owner, result: TaskResult) -> None:
     if owner.composed_task:
-        app[TASKS].deliver(owner.composed_task, result)
+        await app[TASKS].deliver(owner.composed_task, result)
     else:
-        app[DIRECT].deliver(owner.fingerprint, result)
+        await app[DIRECT].deliver(owner.fingerprint, result)
 
 
 def periodic(what: str, every: float, step: Callable[[web.Application], Awaitable[None]], *,
@@ -175,7 +176,7 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
                            backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream,
                            breaker=breaker)
         cache = PollCache(app[MAPPINGS].task_status, fresh_for=s.poll_cache_seconds,
-                          max_entries=s.poll_cache_max_entries)
+                          max_entries=s.poll_cache_max_entries, shared=app.get(SHARED_RESULTS))
         app[DIRECT] = DirectTasks(app[V3], cache, app.get(WEBHOOKS), s.webhook_fallback)
         yield
 
@@ -196,6 +197,7 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
     async with redis.connect(s.redis_url.get_secret_value(), s.redis_timeout) as client:
         app[TASK_STORE] = redis.RedisTaskStore(client, s.redis_prefix)
         app[RESULTS] = redis.RedisResultStore(client, s.redis_prefix)
+        app[SHARED_RESULTS] = redis.RedisSharedResults(client, s.redis_prefix)
         try:
             await client.ping()
         except redis.exceptions.AuthenticationError:
@@ -230,6 +232,7 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
         if s.face_restorer_url else NO_FACES,
         on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
+        shared=app.get(SHARED_RESULTS),
     )
     worker = asyncio.create_task(engine.run(), name="task engine")
     yield
@@ -252,14 +255,16 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[READINESS] = Readiness()
     app[UPSTREAM_URL] = settings.upstream
     if settings.webhooks:
-        app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline)
+        # tokens any process accepts where deliveries are shared (Redis), else this process's own
+        app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline,
+                                               secret=(lambda: app[SECRET]) if settings.redis_url else None)
     # started in this order, cleaned up in reverse: the log flusher is the last to stop
     app.cleanup_ctx.append(periodic("log flush", logs.FLUSH_EVERY, _flush_logs, last_run=True))
     app.cleanup_ctx.append(fingerprint_secret)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator))
+    app.cleanup_ctx.append(stores)  # before the upstream client: the poll cache gets Redis's shared tier
     app.cleanup_ctx.append(upstream_client)
-    app.cleanup_ctx.append(stores)
     app.cleanup_ctx.append(executor)
     app.cleanup_ctx.append(task_engine)
     app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))

@@ -23,8 +23,16 @@ def load_secret(configured: str | None, data_dir: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    value = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # written whole under another name, then linked into place: `serve --workers` starts several
+    # processes at once, and each must read the one secret that won, never a half-written file
+    draft = data_dir / f"fingerprint.secret.{os.getpid()}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(value)
-    return value
+        f.write(secrets.token_hex(32).encode())
+    try:
+        os.link(draft, path)  # fails if another process was first: its secret is the one
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
+    return path.read_bytes()

@@ -50,6 +50,9 @@ DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
+# with Redis only: results every replica reads (proxy.stores.redis.RedisSharedResults, typed loosely
+# here so that redis is imported only when configured), for the poll cache and the task engine
+SHARED_RESULTS = web.AppKey("shared_results", object)
 
 # per V2 request, set by the edge: the caller, and the audit record handlers add to
 CALLER = web.RequestKey("caller", Caller)

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
-from proxy.keys import MAPPINGS, METRICS, READINESS, TRANSLATOR, WEBHOOKS
+from proxy.keys import MAPPINGS, METRICS, READINESS, TASK_STORE, TRANSLATOR, WEBHOOKS
 from proxy.v2.reply import v2_reply
 
 # the proxy's own HTTP surface, kept by hand beside the code (tests/test_openapi.py holds them together)
@@ -29,9 +29,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic: 503 while starting or draining, so a load balancer moves on."""
+    """Ready for traffic: 503 while starting or draining, so a load balancer moves on.
+
+    It also says whether the task store (Redis, for replicas) answers, but stays 200 when it does
+    not: every replica shares that Redis, so it would take them all out of the Service at once,
+    and the direct path, most of the traffic, needs no store. Composed calls get code 5 meanwhile,
+    and the store recovers by itself."""
     state = request.app[READINESS].state
-    return _json({"status": state}, 200 if state == "ready" else 503)
+    body = {"status": state}
+    if state == "ready":
+        body["task_store"] = "ok" if await request.app[TASK_STORE].reachable() else "unreachable"
+    return _json(body, 200 if state == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

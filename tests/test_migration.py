@@ -313,7 +313,7 @@ async def test__health_and_readiness(proxy):
     async with proxy.get("/healthz") as resp:
         assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
     async with proxy.get("/readyz") as resp:
-        assert resp.status == 200 and (await resp.json()) == {"status": "ready"}
+        assert resp.status == 200 and (await resp.json()) == {"status": "ready", "task_store": "ok"}
     await proxy.server.app.shutdown()  # what a SIGTERM starts: the proxy drains
     async with proxy.get("/readyz") as resp:
         assert resp.status == 503 and (await resp.json()) == {"status": "draining"}

@@ -183,6 +183,35 @@ async def test__max_entries_zero__neither_keeps_nor_shares():
     assert (await polls.result("t1", FP, v3))[2] == "miss" and len(polls) == 0
 
 
+async def test__expected_then_delivered__polls_hear_queued_then_the_result_without_a_v3_call():
+    clock, v3 = Clock(), FakeV3(v3_result("SUCCEED", 600))
+    polls = cache(clock)
+    polls.expect("t1", FP, 1_000, 30)
+    queued, status, how = await polls.result("t1", FP, v3)
+    assert (queued.task.status, status, how) == ("TASK_STATUS_QUEUED", None, "hit")
+    await polls.deliver("t1", FP, v3_result("SUCCEED", 600))
+    done, status, how = await polls.result("t1", FP, v3)
+    assert (done.task.status, status, how, v3.calls) == ("TASK_STATUS_SUCCEED", None, "hit", 0)
+    clock.now += 600
+    assert (await polls.result("t1", FP, v3))[1:] == (200, "miss")
+
+
+async def test__a_webhook_faster_than_the_submission_reply__is_not_hidden_by_expect():
+    polls, v3 = cache(Clock()), FakeV3(v3_result("PROCESSING"))
+    await polls.deliver("t1", FP, v3_result("SUCCEED", 600))
+    polls.expect("t1", FP, 1_000, 30)
+    assert (await polls.result("t1", FP, v3))[0].task.status == "TASK_STATUS_SUCCEED" and v3.calls == 0
+
+
+async def test__a_delivered_running_result_or_another_keys_poll__is_not_an_answer():
+    polls, v3 = cache(Clock()), FakeV3(v3_result("PROCESSING"))
+    await polls.deliver("t1", FP, v3_result("PROCESSING"))
+    await polls.deliver("t2", FP, v3_result("SUCCEED", 600))
+    assert (await polls.result("t1", FP, v3))[2] == "miss"
+    assert (await polls.result("t2", OTHER_FP, v3))[2] == "miss"
+    assert v3.calls == 2
+
+
 # through the proxy, in front of the emulator
 
 OTHER_KEY = "sk-test-other-fedcba9876543210"

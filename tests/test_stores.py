@@ -234,8 +234,15 @@ async def test__a_replica_killed_mid_task__another_replica_on_the_same_redis_fin
     assert emu.requests["submit"] == 3  # each pass submitted once, whichever replica did it
 
 
+async def readiness(client) -> tuple[int, dict]:
+    async with client.get("/readyz") as resp:
+        return resp.status, await resp.json()
+
+
 async def test__redis_restarted_mid_task__polls_get_code_5_then_the_task_completes(
         start_emulator, start_proxy, tmp_path):
+    """And /readyz says the store is unreachable meanwhile, but stays 200: Redis is every
+    replica's, and the direct path needs none of it."""
     redis = RedisServer(redis_server_binary(), tmp_path / "redis")
     redis.start()
     try:
@@ -244,13 +251,16 @@ async def test__redis_restarted_mid_task__polls_get_code_5_then_the_task_complet
                                task_lease=1)
         reply = await upscale(client, composed_body())
         task_id = reply["data"]["task_id"]
+        assert await readiness(client) == (200, {"status": "ready", "task_store": "ok"})
         redis.stop(keep=True)
         during = await v2_call(client, "GET", f"/v2/progress?task_id={task_id}")
         assert (during["code"], during["data"]) == (5, None), during
         assert "unavailable" in during["msg"]
+        assert await readiness(client) == (200, {"status": "ready", "task_store": "unreachable"})
         redis.start()
         done = await poll_until_done(client, task_id)
         assert done["status"] == 2, done
+        assert await readiness(client) == (200, {"status": "ready", "task_store": "ok"})
     finally:
         redis.stop()
 

@@ -9,9 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.app import create_app
-from proxy.keys import WEBHOOKS
+from proxy.fingerprint import fingerprint
+from proxy.keys import SECRET, WEBHOOKS
 from proxy.settings import Settings
-from tests.helpers import free_port, poll_until_done, upscale
+from proxy.webhooks import Owner, WebhookTokens
+from tests.helpers import KEY, free_port, poll_until_done, upscale
 from tests.images import encode, pattern
 
 
@@ -81,3 +83,76 @@ async def test__webhook_route__refuses_unknown_tokens_and_bodies_that_are_no_eve
 def test__webhooks__need_a_public_url():
     with pytest.raises(ValidationError, match="UPSCALE_PROXY_PUBLIC_URL"):
         Settings(webhooks=True)
+
+
+# the tokens: self-verifying, nothing stored
+
+BASE = "http://proxy.example"
+TASK = "0b8f6a2e-93c1-8d4e-a1f0-5c3e2d1b0a99"
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def token_of(url: str) -> str:
+    assert url.startswith(BASE + "/_proxy/webhooks/v3/")
+    return url.rsplit("/", 1)[1]
+
+
+def test__a_token__is_accepted_by_another_instance_with_the_same_secret():
+    clock = Clock()
+    issuer, other = (WebhookTokens(BASE, ttl=900, secret=b"shared secret", clock=clock) for _ in range(2))
+    direct, composed = token_of(issuer.issue("3f9a1c0e5b7d2a64")), token_of(issuer.issue("3f9a1c0e5b7d2a64", TASK))
+    assert other.owner(direct) == Owner("3f9a1c0e5b7d2a64", None, clock.now + 901)
+    assert other.owner(composed) == Owner("3f9a1c0e5b7d2a64", TASK, clock.now + 901)
+    lazy = WebhookTokens(BASE, ttl=900, secret=lambda: b"shared secret", clock=clock)  # the app's secret, once started
+    assert lazy.owner(composed) == other.owner(composed)
+
+
+def test__a_token__is_refused_with_another_secret_or_without_one():
+    issuer = WebhookTokens(BASE, ttl=900, secret=b"shared secret")
+    token = token_of(issuer.issue("fp", TASK))
+    assert WebhookTokens(BASE, ttl=900, secret=b"another secret").owner(token) is None
+    # no secret: each instance (each process) has a random one of its own
+    first, second = WebhookTokens(BASE, ttl=900), WebhookTokens(BASE, ttl=900)
+    own = token_of(first.issue("fp"))
+    assert first.owner(own) is not None and second.owner(own) is None
+
+
+def test__a_token__is_refused_once_expired():
+    clock = Clock()
+    tokens = WebhookTokens(BASE, ttl=60, secret=b"s", clock=clock)
+    token = token_of(tokens.issue("fp", TASK))
+    clock.now += 60
+    assert tokens.owner(token) is not None
+    clock.now += 2
+    assert tokens.owner(token) is None
+
+
+def test__a_token_with_any_one_character_changed__is_refused():
+    tokens = WebhookTokens(BASE, ttl=900, secret=b"s")
+    token = token_of(tokens.issue("3f9a1c0e5b7d2a64", TASK))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for i, c in enumerate(token):
+        for other in (alphabet[(alphabet.index(c) + 1) % 64], "=", "!", "+"):
+            assert tokens.owner(token[:i] + other + token[i + 1:]) is None, (i, other)
+    for malformed in ("", "not-a-token", token[:-1], token + "A", token + "=", token[:40], "é" * 90, "A" * 5000):
+        assert tokens.owner(malformed) is None, malformed
+
+
+async def test__a_token__carries_the_fingerprint_never_the_key(start_emulator, start_reachable_proxy):
+    server, emu = await start_emulator(queue_delay=0.02, process_delay=0.02)
+    proxy = await start_reachable_proxy(str(server.make_url("")))
+    reply = await upscale(proxy, {"image": image(), "upscaler_1": "4x-UltraSharp", "upscaling_resize": 2})
+    await poll_until_done(proxy, reply["data"]["task_id"])
+    [(url, outcome)] = emu.webhook_calls
+    token = url.rsplit("/", 1)[1]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert outcome == 204
+    assert KEY not in url and KEY.encode() not in raw and KEY.encode().hex().encode() not in raw
+    assert proxy.server.app[WEBHOOKS].owner(token).fingerprint == fingerprint(KEY, proxy.server.app[SECRET])

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pybase64
 import structlog
@@ -45,6 +46,9 @@ from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import TaskResult
 from proxy.v3.payload import UpscaleBody
 from proxy.webhooks import WebhookTokens
+
+if TYPE_CHECKING:
+    from proxy.stores.redis import RedisSharedResults
 
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
@@ -76,7 +80,8 @@ class TaskEngine:
                  executor: Executor, settings: EngineSettings, status_table: dict[str, int],
                  faces: FaceRestorer = NO_FACES, webhooks: WebhookTokens | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 on_state: Callable[[str], None] | None = None,
+                 shared: RedisSharedResults | None = None) -> None:
         self._v3, self._tasks, self._results, self._fetcher = v3, tasks, results, fetcher
         self._executor, self._settings, self._status = executor, settings, status_table
         self.faces, self._webhooks = faces, webhooks
@@ -86,6 +91,7 @@ class TaskEngine:
         self._keys: dict[str, str] = {}  # running task -> its caller's key: memory only, never stored
         self._busy: set[str] = set()  # tasks this process is moving right now
         self._delivered: dict[str, TaskResult] = {}  # V3 job -> its result, sent to the webhook
+        self._shared = shared  # with Redis: delivered results, for whichever replica moves the task
         self._news: set[str] = set()  # tasks with a delivered result not yet looked at
         self._steps: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -113,10 +119,18 @@ class TaskEngine:
         source = pybase64.b64decode(image_b64)
         if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
             image_b64 = pybase64.b64encode(await self._v3_input_png(source, plan.read))
-        firsts = await asyncio.gather(*(
-            self._v3.submit(self._body(b.v3_jobs[0], image_b64, task_id, fingerprint), key)
-            for b in plan.branches if b.v3_jobs
-        ))
+        # the input is stored first: a store that is down (Redis) refuses the task with code 5
+        # before V3 is asked, and so before anything is charged
+        await self._results.put(f"{task_id}.input", source)
+        try:
+            firsts = await asyncio.gather(*(
+                self._v3.submit(self._body(b.v3_jobs[0], image_b64, task_id, fingerprint), key)
+                for b in plan.branches if b.v3_jobs
+            ))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._results.delete(f"{task_id}.input")
+            raise
         ids = iter(job_id for job_id, _ in firsts)
         now = self._clock()
         longest = max((len(b.v3_jobs) for b in plan.branches), default=0)
@@ -129,17 +143,26 @@ class TaskEngine:
             jobs=[[next(ids)] if b.v3_jobs else [] for b in plan.branches], jobs_done=[0] * len(plan.branches),
             outputs=[None] * len(plan.branches), started=not any(b.v3_jobs for b in plan.branches),
         )
-        await self._results.put(f"{task.task_id}.input", source)
         await self._tasks.create(task.record())
         self._keys[task.task_id] = key
         self._on_state(TaskState.RUNNING)
         self._wake.set()
         return task.task_id, [job_id for job_id, _ in firsts]
 
-    def deliver(self, task_id: str, result: TaskResult) -> None:
-        """A V3 job's result, sent to the webhook: the task's next step reads it, not V3."""
+    async def deliver(self, task_id: str, result: TaskResult) -> None:
+        """A V3 job's result, sent to the webhook: the task's next step reads it, not V3. With
+        the shared tier (Redis) it is kept there, for whichever replica holds the task's lease;
+        else (or if Redis failed) in this process."""
+        job_id = result.task.task_id
+        if self._shared is not None:
+            doc = result.model_dump_json()
+            if await self._shared.put(_delivered_key(job_id), doc.encode() if isinstance(doc, str) else doc,
+                                      self._settings.deadline):
+                self._news.add(task_id)
+                self._wake.set()
+                return
         if len(self._delivered) < MAX_DELIVERED:
-            self._delivered[result.task.task_id] = result
+            self._delivered[job_id] = result
             self._news.add(task_id)
             self._wake.set()
 
@@ -310,9 +333,14 @@ class TaskEngine:
         return None if done else etas
 
     async def _job_result(self, job_id: str, key: str, ask: bool) -> TaskResult | None:
-        """A job's result: the one V3 sent to the webhook, else (when `ask`) V3's answer to a
-        task-result call."""
+        """A job's result: the one V3 sent to the webhook (to this process, else to any replica:
+        the shared tier), else (when `ask`) V3's answer to a task-result call."""
         delivered = self._delivered.pop(job_id, None)
+        if delivered is None and self._shared is not None:
+            doc = await self._shared.pop(_delivered_key(job_id))
+            if doc is not None:
+                with contextlib.suppress(ValueError):  # not one of ours: as if absent
+                    delivered = TaskResult.model_validate_json(doc)
         if delivered is not None or not ask:
             return delivered
         return (await self._v3.task_result(job_id, key))[0]
@@ -375,6 +403,11 @@ class TaskEngine:
 
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _delivered_key(job_id: str) -> str:
+    """The shared tier's key of a V3 job's delivered result."""
+    return f"job:{job_id}"
 
 
 def _image_url(result: TaskResult) -> str:

@@ -44,6 +44,10 @@ class TaskStore(Protocol):
 
     async def delete(self, task_id: str) -> None: ...
 
+    async def reachable(self) -> bool:
+        """Whether the store answers now (/readyz says so)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -6,21 +6,27 @@ tasks and the blobs (with native TTLs), under one key prefix.
     <prefix>due         sorted set: running task ids by due_at
     <prefix>purge       sorted set: every task id by purge_at
     <prefix>blob:<name> the bytes of an input or a composed image, with a TTL when given one
+    <prefix>shared:<k>  RedisSharedResults: results every replica reads (webhook deliveries and
+                        finished direct results), each with a TTL
 
 Each change to a task and its lease is one Lua script, so two replicas never both change a task.
 Times are passed in, as in every store; floats go to Redis as their repr and are compared there.
 
 A lost connection (Redis down, restarting, too slow) raises V2Error code 5, "retry", from every
-method: the poll or submission that met it tells its client so, and the next call reconnects.
+method of the stores: the poll or submission that met it tells its client so, and the next call
+reconnects. RedisSharedResults is different: it only saves V3 calls, so it never raises; a Redis
+error makes it answer "nothing there" (and store nothing) for a few seconds.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 import orjson
+import structlog
 from redis import exceptions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -34,6 +40,7 @@ R = TypeVar("R")
 S = TypeVar("S")
 
 UNAVAILABLE = "the task store is unavailable, retry"
+log = structlog.get_logger("proxy")
 
 
 def connect(url: str, timeout: float) -> Redis:
@@ -174,6 +181,12 @@ class RedisTaskStore:
             tx.zrem(self._due, task_id).zrem(self._purge, task_id)
             await tx.execute()
 
+    async def reachable(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (exceptions.RedisError, OSError):
+            return False
+
     async def close(self) -> None:
         """Nothing: the client is shared with the result store, and closed by whoever made it."""
 
@@ -208,3 +221,79 @@ def _document(task: TaskRecord) -> bytes:
     """What `<prefix>task:<id>` holds: the owner's document and the record's index fields."""
     return orjson.dumps({"doc": task.doc, "running": task.running, "due_at": task.due_at,
                          "purge_at": task.purge_at})
+
+
+class RedisSharedResults:
+    """Small values every replica on this Redis reads: V3 results that a webhook delivered to one
+    replica, and finished direct results, so that another replica's poll or task step finds them
+    without a V3 call. Each value expires by itself (SET with PX).
+
+    Best effort: a Redis error never reaches the caller. `get`/`pop` answer None, `put` answers
+    False, the first error in a row is logged at warning (the rest at debug), and for `pause`
+    seconds after an error Redis is not tried at all, so that polls go on to V3 without waiting
+    for Redis again and again."""
+
+    def __init__(self, client: Redis, prefix: str, *, pause: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._redis, self._prefix = client, f"{prefix}shared:"
+        self._pause, self._clock = pause, clock
+        self._paused_until = 0.0
+        self._failing = False
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """Keep `value` for `ttl_s` seconds. -> whether it was stored."""
+        if ttl_s <= 0 or not self._usable():
+            return False
+        try:
+            await self._redis.set(self._key(key), value, px=max(int(ttl_s * 1000), 1))
+        except (exceptions.RedisError, OSError) as e:
+            return self._failed("put", e, False)
+        return self._worked(True)
+
+    async def get(self, key: str) -> bytes | None:
+        found = await self.get_with_ttl(key)
+        return found[0] if found else None
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes, float] | None:
+        """The value and the seconds it has left, in one round trip; None: not there (or Redis failed)."""
+        if not self._usable():
+            return None
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                value, ttl_ms = await pipe.get(self._key(key)).pttl(self._key(key)).execute()
+        except (exceptions.RedisError, OSError) as e:
+            return self._failed("get", e, None)
+        if value is None or ttl_ms == -2:  # gone between the two commands
+            return self._worked(None)
+        return self._worked((value, ttl_ms / 1000 if ttl_ms >= 0 else float("inf")))
+
+    async def pop(self, key: str) -> bytes | None:
+        """The value, removed (GET and DEL in one transaction: Redis before 6.2 has no GETDEL)."""
+        if not self._usable():
+            return None
+        try:
+            async with self._redis.pipeline(transaction=True) as tx:
+                value, _ = await tx.get(self._key(key)).delete(self._key(key)).execute()
+        except (exceptions.RedisError, OSError) as e:
+            return self._failed("pop", e, None)
+        return self._worked(value)
+
+    def _usable(self) -> bool:
+        return self._clock() >= self._paused_until
+
+    def _failed(self, what: str, error: Exception, answer):
+        self._paused_until = self._clock() + self._pause
+        (log.debug if self._failing else log.warning)(
+            "Redis is unavailable for shared results: V3 is asked instead", op=what,
+            error=f"{type(error).__name__}: {error}", pause_s=self._pause)
+        self._failing = True
+        return answer
+
+    def _worked(self, answer):
+        if self._failing:
+            log.info("Redis is back for shared results")
+            self._failing = False
+        return answer

@@ -80,6 +80,9 @@ class SqliteTaskStore:
     async def delete(self, task_id: str) -> None:
         self._db.execute("DELETE FROM composed_tasks WHERE task_id = ?", (task_id,))
 
+    async def reachable(self) -> bool:
+        return True  # a file in this process's data directory
+
     async def close(self) -> None:
         self._db.close()
 

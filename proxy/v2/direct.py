@@ -2,6 +2,8 @@
 
 Nothing is stored; polls go through the poll cache (one V3 call for concurrent polls, terminal
 results kept), and with webhooks on, V3 tells the proxy the result and polls make no V3 call.
+With Redis, the poll cache shares terminal and delivered results between replicas, so the
+webhook may reach any of them (proxy/v2/poll_cache.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,6 @@ class DirectTasks:
         V3's HTTP status or None when this poll made no call, how it was answered)"""
         return await self._cache.result(task_id, fingerprint, lambda: self._v3.task_result(task_id, key))
 
-    def deliver(self, fingerprint: str, result: TaskResult) -> None:
+    async def deliver(self, fingerprint: str, result: TaskResult) -> None:
         """A result V3 sent to the webhook."""
-        self._cache.deliver(result.task.task_id, fingerprint, result)
+        await self._cache.deliver(result.task.task_id, fingerprint, result)
