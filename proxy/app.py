@@ -20,7 +20,7 @@ from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import AllowedOrigins, ImageFetcher
 from proxy.deprecation import Brownouts, Deprecation
-from proxy.fingerprint import load_secret
+from proxy.fingerprint import Fingerprinter, load_secret
 from proxy.keys import (
     BROWNOUTS,
     DEPRECATION,
@@ -42,7 +42,7 @@ from proxy.keys import (
     WEBHOOKS,
     Readiness,
 )
-from proxy.limits import LIMITS, Limits, trim_memory
+from proxy.limits import LIMITS, Limits, keep_freed_memory, trim_memory
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.stores import FileResultStore, SqliteTaskStore
@@ -62,17 +62,6 @@ if TYPE_CHECKING:  # the emulator itself is imported only under --emulate-v3
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 MiB = 1024 * 1024
 log = structlog.get_logger("proxy")
-
-# The V2 edge, outermost first: each unit wraps the ones after it (proxy/v2/edge.py).
-V2_EDGE: tuple[edge.Unit, ...] = (
-    edge.audit_event,          # the call's audit record; one v2.deprecated_call event per answer
-    edge.count_call,           # metrics: in flight; calls by endpoint, path, code and client
-    edge.deprecation_headers,  # on every V2 response, error bodies included
-    edge.map_errors,           # V2Error, V3Error, HTTP errors, anything else -> a V2 body
-    edge.identify_caller,      # the key and its fingerprint, read once
-    edge.brownouts,            # may refuse the call before the handler runs
-    edge.shed_load,            # submissions: code 5 at once past the byte budget or the V3 call cap; body deadline
-)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -243,7 +232,7 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
     """The proxy. With `settings.emulate_v3`, the emulator (`emulator` settings) is its upstream."""
     settings = settings or Settings()
-    app = web.Application(middlewares=[edge.v2_edge(V2_EDGE)], client_max_size=settings.max_body_mb * MiB)
+    app = web.Application(middlewares=[edge.v2_edge], client_max_size=settings.max_body_mb * MiB)
     app[SETTINGS] = settings
     app[MAPPINGS] = mappings.load()
     app[TRANSLATOR] = Translator.from_settings(app[MAPPINGS], settings)
@@ -269,6 +258,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(task_engine)
     app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))
     if settings.memory_trim_interval:
+        keep_freed_memory()  # while a load lasts; the periodic trim gives it back when idle
         app.cleanup_ctx.append(periodic("memory trim", settings.memory_trim_interval, trim_memory))
     app.on_startup.append(_ready)  # after every cleanup_ctx has started
     app.on_shutdown.append(_draining)
@@ -278,6 +268,8 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
 
 
 async def _ready(app: web.Application) -> None:
+    app[edge.EDGE] = edge.EdgeParts(Fingerprinter(app[SECRET]), app[METRICS], app[DEPRECATION],
+                                    app[BROWNOUTS], app[LIMITS], app[MAPPINGS].errors)
     app[READINESS].state = "ready"
 
 

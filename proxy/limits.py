@@ -14,8 +14,9 @@ A refusal is code 5, "the proxy is overloaded ..., retry": a fast answer an SDK 
 queue that grows until the process is killed. Only submissions are refused (the `shed_load` unit
 of the V2 edge); polls are cheap and keep answering under load.
 
-And, once a load has passed, freed memory goes back to the OS (`trim_memory`): glibc keeps the
-heap it grew for the bodies otherwise (measured with tests/bench/load.py: 63 MB of RSS before a
+While a load lasts, glibc keeps the memory freed bodies were in (`keep_freed_memory`: no fresh
+page faults for the next body); once it has passed, that memory goes back to the OS
+(`trim_memory`): glibc keeps the heap it grew for the bodies otherwise (measured with tests/bench/load.py: 63 MB of RSS before a
 load, about 400 MB at its peak, still 343 MB an idle minute later; 66 MB with the trim).
 
 One event loop owns these counters: no locks.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -133,16 +135,28 @@ class _Counted:
 LIMITS = web.AppKey("limits", Limits)
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, where the C library has it (not musl, not macOS)."""
+def _glibc(name: str) -> Callable[..., int] | None:
+    """A glibc function, where the C library has it (not musl, not macOS)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """While a load lasts, let glibc keep the memory request bodies were in: by default a freed
+    body of megabytes goes back to the kernel at once (munmap, or a trim of the heap's top), and
+    the next body pays a page fault for each 4 KiB of it again (about 2,000 per 4 MB submission,
+    doubling its latency at c=1 on these machines). `trim_memory` gives it all back once the
+    process is idle. The variables glibc reads (MALLOC_MMAP_THRESHOLD_, ...) still win."""
+    if _MALLOPT is None or _TRIM is None or any(v.startswith("MALLOC_") for v in os.environ):
+        return False
+    return bool(_MALLOPT(_M_MMAP_THRESHOLD, 64 * MiB) and _MALLOPT(_M_TRIM_THRESHOLD, 512 * MiB))
 
 
 async def trim_memory(app: web.Application) -> None:

@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines on stdout (console rendering on a terminal).
 
-One line per request comes from the V2 middleware; aiohttp's own access log is off. JSON lines
-are written without a flush each (a syscall per request is a measurable share of a poll's cost);
+One line per request comes from the V2 edge (`audit`: in JSON, rendered once with orjson, with no
+processor chain); aiohttp's own access log is off. JSON lines are written without a flush each (a syscall per request is a measurable share of a poll's cost);
 `flush_periodically` in the app flushes them within half a second, and at shutdown.
 
 Audit events (`v2.deprecated_call`) are written whatever the level: `--log-level warning` quiets
@@ -49,11 +49,15 @@ _library: LibraryLogs | None = None
 
 
 def _timestamp(_logger: object, _name: str, event: dict) -> dict:
+    event["timestamp"] = _now()
+    return event
+
+
+def _now() -> str:
     """ISO 8601 UTC with microseconds, like structlog's TimeStamper, formatting each second once."""
     now = time.time()
     seconds = int(now)
-    event["timestamp"] = f"{_second(seconds)}.{int((now - seconds) * 1e6):06d}Z"
-    return event
+    return f"{_second(seconds)}.{int((now - seconds) * 1e6):06d}Z"
 
 
 @lru_cache(maxsize=2)
@@ -95,6 +99,34 @@ class _WholeLines(io.RawIOBase):
         return len(view)
 
 
+def audit(fields: dict) -> None:
+    """Write one audit event (`v2.deprecated_call`, one per V2 call) at any level. In JSON, the
+    line is rendered once with orjson and written as it is: no processor chain on the hot path (its
+    fields are the proxy's own and already redacted). On a console it is a structlog line like any
+    other."""
+    _audit(fields)
+
+
+def _structlog_audit(fields: dict) -> None:
+    structlog.get_logger("proxy").info(AUDIT_EVENT, **fields)
+
+
+_audit: Callable[[dict], None] = _structlog_audit
+
+
+def _json_audit(stream: BinaryIO, shared: bool) -> Callable[[dict], None]:
+    write = stream.write
+
+    def audit(fields: dict) -> None:
+        line = {"event": AUDIT_EVENT, "level": "info", "timestamp": _now()}
+        if shared:
+            line["pid"] = os.getpid()
+        line.update(fields)
+        write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+
+    return audit
+
+
 def _with_pid(_logger: object, _name: str, event: dict) -> dict:
     event["pid"] = os.getpid()
     return event
@@ -109,7 +141,7 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
     several processes write to this stdout (`serve --workers`): each line names its process
     (`pid`), and no line is cut by another's.
     """
-    global _stream, _library
+    global _stream, _library, _audit
     tty = _isatty(stream or sys.stdout)
     console = fmt == "console" or (fmt == "auto" and tty)
     processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
@@ -119,6 +151,7 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
         processors += [_redacted, structlog.dev.ConsoleRenderer(colors=tty)]
         text = sys.stdout if stream is None else io.TextIOWrapper(stream, write_through=True)
         factory: Any = structlog.PrintLoggerFactory(text)
+        _audit = _structlog_audit
     else:
         if stream is None:
             # our own buffer over stdout: sys.stdout.buffer is unbuffered under PYTHONUNBUFFERED=1,
@@ -133,6 +166,7 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "in
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         factory = lambda *_: _LineLogger(stream)
+        _audit = _json_audit(stream, shared)
     structlog.configure(
         processors=processors,
         wrapper_class=_wrapper_class(LEVELS[level]),

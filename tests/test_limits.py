@@ -12,6 +12,7 @@ import random
 import time
 
 import orjson
+import pytest
 from PIL import Image
 
 from proxy.limits import LIMITS
@@ -254,3 +255,38 @@ async def test__emulator_store__drops_the_input_once_upscaled_and_the_result_onc
     assert await v3_status(client, task_id) == 200
     emu.sweep(task.completes + 120)
     assert len(emu.tasks) == 0
+
+
+# --- memory: kept while a load lasts, given back when idle ----------------------------------------
+
+_REUSE = """
+import resource, sys
+from proxy import limits
+kept = limits.keep_freed_memory() if sys.argv[1] == "keep" else False
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def submission():  # a 4 MiB body, and what is made of it, freed when it is answered
+    body = bytearray(4 << 20)
+    copy = bytearray(body)
+    del body, copy
+for _ in range(3):  # warm up: glibc adjusts its thresholds to the first blocks freed
+    submission()
+before = faults()
+for _ in range(20):  # one after the other, as at c=1
+    submission()
+print(kept, faults() - before)
+"""
+
+
+def test__freed_bodies__are_reused_without_fresh_page_faults_only_when_kept():
+    """By default glibc gives the 8 MiB a submission freed back to the kernel (the top of its heap
+    passes the trim threshold), and the next one faults in 2,048 fresh pages; `keep_freed_memory`
+    keeps it for the next body (trim_memory gives it back once idle)."""
+    import subprocess
+    import sys as _sys
+    runs = {mode: subprocess.run([_sys.executable, "-c", _REUSE, mode], capture_output=True, text=True,
+                                 check=True, env={"PATH": ""}).stdout.split() for mode in ("keep", "default")}
+    if runs["keep"][0] != "True":
+        pytest.skip("not glibc: no mallopt")
+    assert int(runs["default"][1]) > 20 * 2000  # every body in fresh pages
+    assert int(runs["keep"][1]) < 20 * 100  # each body in the pages the last one left

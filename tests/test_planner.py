@@ -7,7 +7,10 @@ limits), the fields a resize mode ignores, and the Plan's JSON form.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
+from PIL import Image
 
 from proxy import mappings
 from proxy.errors import V2Code, V2Error
@@ -27,7 +30,7 @@ from proxy.translate.steps import (
 from proxy.v2.image import ImageInfo
 from proxy.v2.models import V2UpscaleOptions
 from proxy.v2.translation import Translator
-from tests.images import b64
+from tests.images import b64, encode, pattern
 
 M = mappings.load()
 ULTRA = "4x-UltraSharp"  # a model with the same weights in V3: no `model` decision in the way
@@ -625,3 +628,28 @@ def test__every_listed_upscaler__plans(name):
         assert plan.branches == () and plan.output_size == (32, 32)
     else:
         assert plan.branches[0].steps == (Resize(size=(64, 64), filter=upscaler.local),)
+
+
+# --- the Translator keeps Plans: one per (body fields, image shape) -------------------------------
+
+def test__translator__plans_a_repeated_body_once_and_keeps_each_images_own_facts():
+    translator = Translator(M)
+    first = translator.translate({"upscaling_resize": 2}, b64(64, 48).encode())
+    flipped = encode(pattern(64, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # other pixels, same shape
+    again = translator.translate({"upscaling_resize": 2}, base64.b64encode(flipped))
+    assert again.plan is first.plan and again.fields == first.fields == ["upscaling_resize"]
+    assert again.image_b64 != first.image_b64  # the image forwarded is always the body's own
+    other_shape = translator.translate({"upscaling_resize": 2}, b64(80, 48).encode())
+    assert (other_shape.plan.output_size, first.plan.output_size) == ((160, 96), (128, 96))
+    other_fields = translator.translate({"upscaling_resize": 3}, b64(64, 48).encode())
+    assert other_fields.plan.direct.scale_factor == 3 != first.plan.direct.scale_factor
+
+
+@pytest.mark.parametrize("fields, says", [({"upscaling_resize": 99}, "over the 2048 px"),  # the planner's
+                                           ({"upscaling_resize": "2x"}, "upscaling_resize")])  # validation's
+def test__translator__refuses_a_bad_body_every_time_it_comes(fields, says):
+    translator = Translator(M)
+    for _ in range(2):
+        with pytest.raises(V2Error) as e:
+            translator.translate(fields, b64(64, 48).encode())
+        assert says in e.value.msg

@@ -21,11 +21,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import proxy
 from proxy import logs
 from proxy.cli import unknown_variables
-from proxy.fingerprint import fingerprint
+from proxy.fingerprint import Fingerprinter, fingerprint
 from tests.helpers import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -291,3 +293,11 @@ def test__workers__on_a_port_in_use_exit_2():
         with tempfile.TemporaryDirectory() as data:
             done = cli("serve", "--workers", "2", "--port", str(port), env={"UPSCALE_PROXY_DATA_DIR": data})
     assert done.returncode == 2 and "address already in use" in done.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.text(min_size=1, max_size=300), secret=st.binary(max_size=200))
+def test__fingerprinter__is_the_same_hmac_as_the_one_shot(key, secret):
+    """The edge's precomputed HMAC (any key, any secret length: a secret longer than SHA-256's
+    block is hashed first) gives what `fingerprint` and the `fingerprint` command give."""
+    assert Fingerprinter(secret)(key) == fingerprint(key, secret)

@@ -26,8 +26,8 @@ def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
-def _progress(status: int, result: TaskResult, now_ms: int) -> float:
-    if V2Status(status).final:
+def _progress(status: int, final: bool, result: TaskResult, now_ms: int) -> float:
+    if final:
         return 1
     if result.task.progress_percent > 0:
         return min(result.task.progress_percent / 100, 0.99)
@@ -71,14 +71,15 @@ def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int 
     """A V3 task result as V2 progress (the direct path); `key`, the caller's, is scrubbed from what
     V3 wrote (its failure reason)."""
     status = status_table.get(result.task.status, 1)  # unknown: still running
+    final = status >= V2Status.SUCCESSFUL  # V2Status.final, without making the enum on every poll
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     times = result.extra.debug_info
     images = result.images or []
     nsfw = result.extra.enable_nsfw_detection
     return v2_progress(
         status=status,
-        progress=_progress(status, result, now_ms),
-        eta=0 if V2Status(status).final else _number(max(result.task.eta, 0)),
+        progress=_progress(status, final, result, now_ms),
+        eta=0 if final else _number(max(result.task.eta, 0)),
         imgs=[img.image_url for img in images] if status == 2 else None,
         failed_reason=redact(result.task.reason, key) if status == 3 else "",
         submit_ms=times.submit_time_ms, execution_ms=times.execute_time_ms, finish_ms=times.complete_time_ms,

@@ -25,7 +25,6 @@ from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
 from proxy.v2.reply import v2_reply
-from proxy.v2.translation import fields_sent
 
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
@@ -73,9 +72,8 @@ async def upscale(request: web.Request) -> web.Response:
     key = api_key(request)
     doc, image_b64 = split_image(await request.read())
     audit = request[AUDIT]
-    audit.fields = fields_sent(doc)
     translation = app[TRANSLATOR].translate(doc, image_b64)
-    plan, image_b64 = translation.plan, translation.image_b64
+    plan, image_b64, audit.fields = translation.plan, translation.image_b64, translation.fields
     audit.features, audit.warnings = dict(plan.decisions), list(plan.warnings)
     if plan.direct:
         if plan.v3_input == "pixels":

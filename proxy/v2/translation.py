@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+
+import orjson
 
 from proxy.mappings import Mappings
 from proxy.settings import Settings
@@ -15,7 +19,12 @@ from proxy.translate.preview import preview
 from proxy.translate.profiles import DEFAULT_PROFILE, PROFILES, A1111Profile
 from proxy.v2.body import split_image
 from proxy.v2.image import ImageInfo, probe
-from proxy.v2.models import V2_FIELDS, validate_options
+from proxy.v2.models import V2_FIELDS, V2UpscaleOptions, validate_options
+
+
+PLANS_KEPT = 1024  # distinct (body fields, image shape) pairs whose Plan is kept
+# what the planner may read of an image: all of ImageInfo but its size in bytes
+_SHAPE = tuple(f.name for f in fields(ImageInfo) if f.name != "nbytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,7 @@ class Translation:
     image: ImageInfo
     image_b64: memoryview | bytes  # the base64 to forward (repaired if V2 leniency needed it)
     plan: Plan
+    fields: list[str]  # the V2 fields the body sets, for the audit event
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,10 @@ class Translator:
     policies: Mapping[str, Policy] = field(default_factory=default_policies)
     profile: A1111Profile = PROFILES[DEFAULT_PROFILE]
     faces_available: bool = False
+    # Plans are pure functions of the body's fields, the image's shape and the settings here, and
+    # legacy clients send the same fields again and again: each pair is planned once
+    _plans: OrderedDict[tuple, Plan] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for unit in REGISTRY:  # Settings names the variable; this catches any other caller
@@ -46,15 +60,33 @@ class Translator:
     def translate(self, doc: dict, image_b64: memoryview | bytes) -> Translation:
         """The body's other fields and its image text (see `v2.body.split_image`) -> a Translation,
         or a V2Error naming the first thing wrong."""
-        options = validate_options(doc)
+        doc_key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        options, sent = _options(doc_key)
         image, image_b64 = probe(image_b64)
-        plan = plan_upscale(options, image, self.mappings, self.policies, self.profile, self.faces_available)
-        return Translation(image, image_b64, plan)
+        key = (doc_key, *(getattr(image, name) for name in _SHAPE))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_upscale(options, image, self.mappings, self.policies, self.profile,
+                                                   self.faces_available)
+            if len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return Translation(image, image_b64, plan, sent)
 
     def preview(self, body: bytes) -> dict:
         """The translate preview of a whole body (POST /_proxy/translate, `translate`)."""
         translation = self.translate(*split_image(body))
         return preview(translation.plan, translation.image)
+
+
+@lru_cache(maxsize=PLANS_KEPT)
+def _options(doc_key: bytes) -> tuple[V2UpscaleOptions, list[str]]:
+    """A body's fields (but its image), validated, and the names of those it sets; a V2Error for a
+    bad one, which is not kept. Keyed by the fields as canonical JSON: the same text, the same
+    answer."""
+    doc = orjson.loads(doc_key)
+    return validate_options(doc), fields_sent(doc)
 
 
 def fields_sent(doc: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """The typed V3 client: one pooled session, explicit timeouts, a retry policy, V3's own errors.
 
 It raises only the errors drawn in `proxy.v3.errors`; aiohttp's exceptions become those in one
-place (`_mapped_errors`), and V2 codes are none of its business (the V2 edge maps them).
+place (`_v3_error`), and V2 codes are none of its business (the V2 edge maps them).
 
 Retries: a GET is retried after a connection error or a 5xx, with jittered exponential backoff.
 A POST is retried only when the connection could not be opened at all: once its body may have
@@ -16,25 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from proxy.v3.breaker import DOWN_STATUSES, CircuitBreaker
 from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
-from proxy.v3.models import SubmitReply, TaskResult
+from proxy.v3.models import BadReply, SubmitReply, TaskResult
 from proxy.v3.payload import UpscaleBody
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", SubmitReply, TaskResult)
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 MAX_BACKOFF = 2.0
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.\-]+")  # a task id that needs no quoting in a query: V3's, V2's
 
 
 @dataclass
@@ -43,18 +43,14 @@ class Reply:
     body: bytes
 
 
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
+def _v3_error(e: aiohttp.ClientError | TimeoutError) -> V3Unreachable | V3Timeout:
     """aiohttp's exceptions -> V3's. The messages name no address (aiohttp's do): the original
     stays the `__cause__`, for the log."""
-    try:
-        yield
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-        raise V3Unreachable("could not connect to V3", sent=False) from e
-    except TimeoutError as e:  # after the connect timeout above: the whole call took too long
-        raise V3Timeout("V3 did not answer in time") from e
-    except aiohttp.ClientError as e:
-        raise V3Unreachable("the connection to V3 broke before its reply was read", sent=True) from e
+    if isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return V3Unreachable("could not connect to V3", sent=False)
+    if isinstance(e, TimeoutError):  # after the connect timeout above: the whole call took too long
+        return V3Timeout("V3 did not answer in time")
+    return V3Unreachable("the connection to V3 broke before its reply was read", sent=True)
 
 
 class V3Client:
@@ -80,7 +76,8 @@ class V3Client:
 
     async def task_result(self, task_id: str, key: str) -> tuple[TaskResult, int]:
         """GET /v3/async/task-result -> (the task result, HTTP status)."""
-        url = URL(f"{self._base}/v3/async/task-result?task_id={quote(task_id, safe='')}", encoded=True)
+        quoted = task_id if _PLAIN_ID.fullmatch(task_id) else quote(task_id, safe="")
+        url = URL(f"{self._base}/v3/async/task-result?task_id={quoted}", encoded=True)
         started = time.perf_counter()
         try:
             reply = await self._call("GET", url, key)
@@ -94,7 +91,7 @@ class V3Client:
             raise V3StatusError.from_reply(reply.status, reply.body)
         try:
             return model.model_validate_json(reply.body)
-        except ValidationError as e:
+        except BadReply as e:
             raise V3BadReply("V3 sent a reply that cannot be read") from e
 
     async def _call(self, method: str, url: URL, key: str, **kwargs) -> Reply:
@@ -103,13 +100,13 @@ class V3Client:
             last = attempt == self._retries
             ticket = self.breaker.admit()  # open: V3Unreachable now, and nothing is sent
             try:
-                with _mapped_errors():
-                    async with self._session.request(method, url, headers=headers, **kwargs) as resp:
-                        reply = Reply(resp.status, await resp.read())
-            except (V3Unreachable, V3Timeout) as e:
+                async with self._session.request(method, url, headers=headers, **kwargs) as resp:
+                    reply = Reply(resp.status, await resp.read())
+            except (aiohttp.ClientError, TimeoutError) as e:
                 self.breaker.record(ticket, down=True)
-                if isinstance(e, V3Timeout) or last or (e.sent and method != "GET"):
-                    raise  # a POST that may have arrived is not re-sent; a timeout is not retried
+                error = _v3_error(e)
+                if isinstance(error, V3Timeout) or last or (error.sent and method != "GET"):
+                    raise error from e  # a POST that may have arrived is not re-sent; a timeout is not retried
             except BaseException:  # cancelled, or a bug: it says nothing about V3
                 self.breaker.abandon(ticket)
                 raise
