@@ -216,7 +216,7 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
         EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,
-                       webhook_fallback=s.webhook_fallback),
+                       webhook_fallback=s.webhook_fallback, png_compress_level=s.png_compress_level),
         app[MAPPINGS].task_status, webhooks=app.get(WEBHOOKS),
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
         if s.face_restorer_url else NO_FACES,

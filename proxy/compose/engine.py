@@ -33,7 +33,7 @@ import structlog
 
 from proxy.compose.faces import NO_FACES, FaceRestorationError, FaceRestorer
 from proxy.compose.fetch import FetchError, ImageFetcher
-from proxy.compose.images import ImageTooLarge, compose, v3_input_png
+from proxy.compose.images import PNG_LEVEL, ImageTooLarge, compose, v3_input_png
 from proxy.compose.task import ComposedTask, TaskState, new_task_id
 from proxy.errors import V2Code, V2Error, V2Status
 from proxy.redact import redact
@@ -73,6 +73,7 @@ class EngineSettings:
     max_wait: float = 5.0
     batch: int = 64  # due tasks taken per look
     stop_grace: float = 3.0  # at shutdown, seconds steps in flight may take to end before they are cut
+    png_compress_level: int = PNG_LEVEL  # zlib level of the composed PNG (Settings.png_compress_level)
 
 
 class TaskEngine:
@@ -362,7 +363,7 @@ class TaskEngine:
             if source is None:
                 raise FetchError("the task's input is gone")
             started = time.perf_counter()
-            png = await self._local(self.compose, task.plan, source, finals)
+            png = await self._local(self.compose, task.plan, source, finals, self._settings.png_compress_level)
             log.info("composed", task_id=task.task_id, size=list(task.plan.output_size),
                      compose_ms=round((time.perf_counter() - started) * 1000, 1))
             faces = task.plan.faces
