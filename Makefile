@@ -30,6 +30,7 @@ bench: install
 	$(VENV)/bin/python -m tests.bench.compose
 	$(VENV)/bin/python -m tests.bench.polls
 	$(VENV)/bin/python -m tests.bench.load
+	@echo; echo "issue 11's table again (tests/bench/run.sh, above):"; cat "$$(ls -t tests/bench/results/*.md | head -1)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
