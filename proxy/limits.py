@@ -29,8 +29,8 @@ import ctypes
 import ctypes.util
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -64,35 +64,43 @@ class Limits:
     def idle(self) -> bool:
         return self.bytes_in_flight == 0 and self.upstream_calls == 0
 
-    @asynccontextmanager
-    async def submission(self, request: web.Request) -> AsyncIterator[None]:
-        """Admit a submission for as long as the block runs: its body read under the deadline and
-        counted against the budget, then a place among the calls waiting on V3. Refused with
-        Overloaded (code 5), a V2Error (code 9: the body was too slow) or HTTP 413 (too large)."""
+    async def admit(self, request: web.Request) -> Callable[[], None]:
+        """Admit a submission: its body read under the deadline and counted against the budget,
+        then a place among the calls waiting on V3. -> the function that lets both go, to be
+        called once whatever happens next. Refused with Overloaded (code 5), a V2Error (code 9:
+        the body was too slow) or HTTP 413 (too large)."""
         self._check_calls()
         declared = request.content_length
         if declared is not None and declared > min(request.client_max_size, self.max_bytes):
             raise web.HTTPRequestEntityTooLarge(min(request.client_max_size, self.max_bytes), declared)
         counted = _Counted(self)
         try:
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    if declared is not None:
-                        counted.take(declared)
-                        await request.read()
-                    else:
-                        await self._read_chunked(request, counted)
-            except TimeoutError:
-                raise V2Error(V2Code.TIMEOUT, f"the request body did not arrive within "
-                                              f"{self.body_timeout:g} s") from None
+            if declared is not None:
+                counted.take(declared)
+                if request.content.is_eof():  # all here already: nothing to wait for
+                    await request.read()
+                else:
+                    await self._in_time(request.read())
+            else:
+                await self._in_time(self._read_chunked(request, counted))
             self._check_calls()  # it may have filled while the body came
-            self.upstream_calls += 1
-            try:
-                yield
-            finally:
-                self.upstream_calls -= 1
-        finally:
+        except BaseException:
             counted.release()
+            raise
+        self.upstream_calls += 1
+        return partial(self._let_go, counted)
+
+    def _let_go(self, counted: _Counted) -> None:
+        self.upstream_calls -= 1
+        counted.release()
+
+    async def _in_time(self, reading: Awaitable[object]) -> None:
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                await reading
+        except TimeoutError:
+            raise V2Error(V2Code.TIMEOUT, f"the request body did not arrive within "
+                                          f"{self.body_timeout:g} s") from None
 
     async def _read_chunked(self, request: web.Request, counted: _Counted) -> None:
         """A body of unknown length, counted as it arrives; then it is the one `request.read()` gives."""

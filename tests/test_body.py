@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import V2Code, V2Error
 from proxy.v2.body import _fast_split, split_image
+from proxy.v2.image import validate_base64
 from proxy.v3.payload import JOIN_BELOW, UpscaleBody
 
 # --- split_image --------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ from proxy.v3.payload import JOIN_BELOW, UpscaleBody
     b'{"\\u0069mage": "QUJD", "upscaling_resize": 2}',
 ])
 def test__split_image__means_what_a_full_parse_means(raw):
-    doc, image = split_image(raw)
+    doc, image, _ = split_image(raw)
     full = json.loads(raw)
     assert bytes(image) == full["image"].encode()
     without_image = {k: v for k, v in full.items() if k != "image"}
@@ -33,18 +34,18 @@ def test__split_image__means_what_a_full_parse_means(raw):
 
 
 def test__split_image__unescapes_json_escapes():
-    _, image = split_image(b'{"image": "ab\\/cd"}')
+    _, image, _ = split_image(b'{"image": "ab\\/cd"}')
     assert bytes(image) == b"ab/cd"
 
 
 def test__split_image__fast_path_keeps_a_view_of_the_body():
     raw = b'{"image": "' + b"A" * 1000 + b'"}'
-    _, image = split_image(raw)
+    _, image, _ = split_image(raw)
     assert isinstance(image, memoryview) and image.obj is raw
 
 
 def test__split_image__strips_a_data_uri():
-    _, image = split_image(b'{"image": "data:image/jpeg;base64,QUJD"}')
+    _, image, _ = split_image(b'{"image": "data:image/jpeg;base64,QUJD"}')
     assert bytes(image) == b"QUJD"
 
 
@@ -63,18 +64,18 @@ def test__split_image__a_body_it_cannot_use__is_a_v2_error_naming_why(raw, code,
 
 
 def test__split_image__a_nested_image_before_an_empty_top_level_one__is_the_empty_one():
-    _, image = split_image(b'{"x": {"image": "QUJD"}, "image": ""}')
+    _, image, _ = split_image(b'{"x": {"image": "QUJD"}, "image": ""}')
     assert bytes(image) == b""
 
 
 def test__split_image__duplicate_image_keys__the_last_one_wins_as_in_orjson():
     assert orjson.loads(b'{"image": "QUJD", "image": ""}') == {"image": ""}
-    _, image = split_image(b'{"image": "QUJD", "image": ""}')
+    _, image, _ = split_image(b'{"image": "QUJD", "image": ""}')
     assert bytes(image) == b""
 
 
 def test__split_image__an_image_key_ending_an_escaped_key__is_not_the_image():
-    _, image = split_image(b'{"\\"image": "QUJD", "image": "QQ=="}')
+    _, image, _ = split_image(b'{"\\"image": "QUJD", "image": "QQ=="}')
     assert bytes(image) == b"QQ=="
 
 
@@ -204,7 +205,7 @@ def test__split_image__means_what_a_full_orjson_parse_means(body):
             split_image(body)
         assert e.value.code == expected
         return
-    doc, image = split_image(body)
+    doc, image, _ = split_image(body)
     assert bytes(image) == expected[1]
     assert {k: v for k, v in doc.items() if k != "image"} == expected[0]
 
@@ -221,6 +222,17 @@ def test__split_image__any_body_with_a_plain_base64_image__takes_the_fast_path(f
     found = _fast_split(body)
     assert found is not None
     assert bytes(found[1]) == image.encode()
+    # validated in the same pass: the probe gets the head and does not decode the image again
+    assert found[2] == validate_base64(image.encode()) is not None
+
+
+@pytest.mark.parametrize("raw, head", [
+    (b'{"image": "QUJD"}', b"ABC"),
+    (b'{"image": "data:image/png;base64,QUJD"}', b"ABC"),
+    (b'{"image": "QUJ"}', None),  # plain but unpadded: the probe checks (and repairs) it itself
+])
+def test__split_image__gives_the_head_only_of_an_image_valid_as_a_whole(raw, head):
+    assert split_image(raw)[2] == head
 
 
 # --- the V3 UpscaleBody payload -----------------------------------------------------------------

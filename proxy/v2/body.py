@@ -23,6 +23,7 @@ import orjson
 import pybase64
 
 from proxy.errors import V2Code, V2Error
+from proxy.v2.image import validate_base64
 
 _KEY = b'"image"'
 _COLON_QUOTE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*"')  # after a key: its value, if a string
@@ -36,16 +37,18 @@ _CHUNK = 64 * 1024  # base64 characters checked at a time: small buffers, no fre
 _BASE64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
-def split_image(body: bytes) -> tuple[dict, memoryview | bytes]:
-    """(the other fields as a dict, the image's base64 text) of a V2 upscale body."""
+def split_image(body: bytes) -> tuple[dict, memoryview | bytes, bytes | None]:
+    """(the other fields as a dict, the image's base64 text, and the first chunk it decodes to when
+    the fast path found it valid base64 as a whole: `probe` then needn't decode it all again) of a
+    V2 upscale body."""
     found = _fast_split(body)
-    if found is None:
-        found = _full_parse(body)
-    doc, image = found
-    return doc, _strip_data_uri(image)
+    if found is not None:
+        return found
+    doc, image = _full_parse(body)
+    return doc, _strip_data_uri(image), None
 
 
-def _fast_split(body: bytes) -> tuple[dict, memoryview] | None:
+def _fast_split(body: bytes) -> tuple[dict, memoryview, bytes | None] | None:
     spans = []  # each `"image": "<plain base64>"`, wherever it is
     at = body.find(_KEY)
     for _ in range(_MAX_SEEN):
@@ -53,16 +56,17 @@ def _fast_split(body: bytes) -> tuple[dict, memoryview] | None:
             break
         value = _COLON_QUOTE.match(body, at + len(_KEY))
         if value is not None and (end := body.find(b'"', value.end())) != -1:
-            if _plain(memoryview(body)[value.end():end]):
-                spans.append((value.end(), end))
+            plain, head = _plain(memoryview(body)[value.end():end])
+            if plain:
+                spans.append((value.end(), end, head))
             at = end
         at = body.find(_KEY, at + 1)
     # the longest first: it is the image, most likely, and what is left to parse is then short
-    for start, end in sorted(spans, key=lambda span: span[0] - span[1])[:_MAX_TRIES]:
+    for start, end, head in sorted(spans, key=lambda span: span[0] - span[1])[:_MAX_TRIES]:
         doc = _parse_rest(body[:start - 1] + _SENTINEL + body[end + 1:])
         if doc is not None:
             doc["image"] = ""
-            return doc, memoryview(body)[start:end]
+            return doc, _strip_data_uri(memoryview(body)[start:end]), head
     return None
 
 
@@ -80,22 +84,27 @@ def _parse_rest(rest: bytes) -> dict | None:
     return None
 
 
-def _plain(image: memoryview) -> bool:
-    """Whether the text is base64 characters only, after a `data:` prefix of printable ASCII."""
+def _plain(image: memoryview) -> tuple[bool, bytes | None]:
+    """(whether the text is base64 characters only, after a `data:` prefix of printable ASCII;
+    the first chunk it decodes to if it is valid base64 as a whole). One pass over a valid image:
+    the check `probe` would make is the proof here."""
     if image[:5] == b"data:":
         comma = bytes(image[:_DATA_URI_MAX]).find(b",")
         if comma == -1:
-            return False
+            return False, None
         if not all(0x20 <= c < 0x7F and c != ord("\\") for c in image[:comma]):
-            return False
+            return False, None
         image = image[comma + 1:]
+    if (head := validate_base64(image)) is not None:
+        return True, head
+    # not valid as a whole (no padding, say: probe repairs that): base64 characters, at least?
     whole = len(image) - len(image) % 4
     try:
         for at in range(0, whole, _CHUNK):  # the fast decoder is the fast check (padding aside)
             pybase64.b64decode(image[at:min(at + _CHUNK, whole)], validate=True)
     except (binascii.Error, ValueError):
-        return False
-    return all(c in _BASE64 for c in image[whole:])
+        return False, None
+    return all(c in _BASE64 for c in image[whole:]), None
 
 
 def _full_parse(body: bytes) -> tuple[dict, bytes]:

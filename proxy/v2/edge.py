@@ -132,11 +132,14 @@ async def shed_load(request: web.Request, handler: Handler, limits: Limits,
     waiting on V3, before the body is read; code 9 for a body that doesn't arrive in time
     (proxy/limits.py). Polls are cheap and never shed."""
     try:
-        async with limits.submission(request):
-            return await handler(request)
+        let_go = await limits.admit(request)
     except Overloaded:
         audit.path_taken = "shed"
         raise
+    try:
+        return await handler(request)
+    finally:
+        let_go()
 
 
 def v2_error(request: web.Request, e: Exception, audit: AuditRecord, errors: ErrorTable) -> web.Response:

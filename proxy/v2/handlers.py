@@ -70,9 +70,9 @@ def _local_address(request: web.Request) -> tuple[str, int | None]:
 async def upscale(request: web.Request) -> web.Response:
     app = request.app
     key = api_key(request)
-    doc, image_b64 = split_image(await request.read())
+    doc, image_b64, head = split_image(await request.read())
     audit = request[AUDIT]
-    translation = app[TRANSLATOR].translate(doc, image_b64)
+    translation = app[TRANSLATOR].translate(doc, image_b64, head)
     plan, image_b64, audit.fields = translation.plan, translation.image_b64, translation.fields
     audit.features, audit.warnings = dict(plan.decisions), list(plan.warnings)
     if plan.direct:

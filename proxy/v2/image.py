@@ -37,19 +37,21 @@ def _bad(msg: str) -> V2Error:
     return V2Error(V2Code.PARAM_RANGE_OUT_OF_LIMIT, f"image: {msg}")
 
 
-def probe(text: memoryview | bytes) -> tuple[ImageInfo, memoryview | bytes]:
+def probe(text: memoryview | bytes, head: bytes | None = None) -> tuple[ImageInfo, memoryview | bytes]:
     """(what the image is, the base64 text to forward) or a V2Error with code 6.
 
     The text is validated whole with a fast decoder, a chunk at a time; only the first chunk is
     kept, for the header. Line breaks and missing padding, which lenient V2 decoders accepted,
-    are repaired (that path copies the text).
+    are repaired (that path copies the text). `head`: the text's first chunk, decoded, from a
+    caller that has validated the whole text already (`validate_base64`): it isn't decoded again.
     """
     if not len(text):
         raise _bad("is empty")
-    head = _validate(text)
+    if head is None:
+        head = validate_base64(text)
     if head is None:
         text = _repair(text)
-        head = _validate(text)
+        head = validate_base64(text)
         if head is None:
             raise _bad("is not valid base64")
     nbytes = len(text) // 4 * 3 - (text[-2:] == b"==") - (text[-1:] == b"=")
@@ -65,7 +67,7 @@ def probe(text: memoryview | bytes) -> tuple[ImageInfo, memoryview | bytes]:
     return info, text
 
 
-def _validate(text: memoryview | bytes) -> bytes | None:
+def validate_base64(text: memoryview | bytes) -> bytes | None:
     """The decoded first chunk if the whole text is valid, padded base64; else None."""
     if len(text) % 4:
         return None

@@ -57,12 +57,13 @@ class Translator:
         return cls(mappings, settings.policies(), settings.profile,
                    faces_available=settings.face_restorer_url is not None)
 
-    def translate(self, doc: dict, image_b64: memoryview | bytes) -> Translation:
-        """The body's other fields and its image text (see `v2.body.split_image`) -> a Translation,
-        or a V2Error naming the first thing wrong."""
+    def translate(self, doc: dict, image_b64: memoryview | bytes, head: bytes | None = None) -> Translation:
+        """The body's other fields and its image text (see `v2.body.split_image`, which gives the
+        image's decoded `head` when it has validated it) -> a Translation, or a V2Error naming the
+        first thing wrong."""
         doc_key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
         options, sent = _options(doc_key)
-        image, image_b64 = probe(image_b64)
+        image, image_b64 = probe(image_b64, head)
         key = (doc_key, *(getattr(image, name) for name in _SHAPE))
         plan = self._plans.get(key)
         if plan is None:
