@@ -15,7 +15,7 @@ import structlog
 import yarl
 from aiohttp import web
 
-from proxy import __version__, logs, mappings, ops, webhooks
+from proxy import __version__, logs, mappings, metrics, ops, webhooks
 from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import AllowedOrigins, ImageFetcher
@@ -113,6 +113,10 @@ def periodic(what: str, every: float, step: Callable[[web.Application], Awaitabl
 
 async def _flush_logs(_app: web.Application) -> None:
     logs.flush()  # lines are written unflushed: a syscall per request is measurable (proxy/logs.py)
+
+
+async def _flush_metrics(app: web.Application) -> None:
+    app[METRICS].flush()  # the hot path counts in plain integers (proxy/metrics.py)
 
 
 async def _sweep(app: web.Application) -> None:
@@ -249,6 +253,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
                                                secret=(lambda: app[SECRET]) if settings.redis_url else None)
     # started in this order, cleaned up in reverse: the log flusher is the last to stop
     app.cleanup_ctx.append(periodic("log flush", logs.FLUSH_EVERY, _flush_logs, last_run=True))
+    app.cleanup_ctx.append(periodic("metrics flush", metrics.FLUSH_EVERY, _flush_metrics, last_run=True))
     app.cleanup_ctx.append(fingerprint_secret)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator))

@@ -2,10 +2,17 @@
 
 Under `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by the parent process), prometheus-client's
 multiprocess mode: every worker writes its values to files there, and /metrics, whichever worker
-answers it, adds them all up."""
+answers it, adds them all up.
+
+The counters every V2 call moves (calls, clients, poll outcomes, calls in flight) are plain
+integers on the hot path, added to prometheus-client's metrics by `flush`: at each scrape this
+process answers and every FLUSH_EVERY seconds (proxy/app.py), so another worker's scrape is at
+most that far behind. A prometheus-client increment takes a lock and checks its labels each time:
+per call, it was the largest single cost of the proxy's own (issue 11)."""
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable
 
@@ -21,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 disable_created_metrics()  # the *_created series double the output and no dashboard uses them
 
+FLUSH_EVERY = 1.0  # seconds
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -72,25 +80,32 @@ class Metrics:
         self.limits_refused = Counter("upscale_proxy_limits_refused",
                                       "V2 submissions refused at once by the process's limits, by limit",
                                       ["limit"], registry=r)
-        self._poll_cache = {outcome: self.poll_cache.labels(outcome) for outcome in ("miss", "shared", "hit")}
         self._max_clients = max_clients
         self._clients: set[str] = set()
-        self._calls: dict[tuple, Counter] = {}
-        self._client_calls: dict[str, Counter] = {}
         self._latency: dict[str, Histogram] = {}
+        self.calls_in_flight = 0  # V2 and V3 calls being handled: the edge and the pass-through count
+        # not yet flushed: label values -> calls
+        self._calls: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self._client_calls: collections.Counter[str] = collections.Counter()
+        self._polls: collections.Counter[str] = collections.Counter()
 
     def count_v2_call(self, endpoint: str, path: str, code: int, fingerprint: str | None) -> None:
-        """One V2 call, in both counters; label children are cached (labels() takes a lock each time)."""
-        key = (endpoint, path, code)
-        child = self._calls.get(key)
-        if child is None:
-            child = self._calls[key] = self.v2_calls.labels(endpoint, path, code)
-        child.inc()
-        label = self.client(fingerprint)
-        child = self._client_calls.get(label)
-        if child is None:
-            child = self._client_calls[label] = self.client_calls.labels(label)
-        child.inc()
+        """One V2 call, in both counters (at the next flush)."""
+        self._calls[endpoint, path, code] += 1
+        self._client_calls[self.client(fingerprint)] += 1
+
+    def flush(self) -> None:
+        """Add what the hot path counted to the Prometheus metrics."""
+        for (endpoint, path, code), n in self._calls.items():
+            self.v2_calls.labels(endpoint, path, code).inc(n)
+        for client, n in self._client_calls.items():
+            self.client_calls.labels(client).inc(n)
+        for outcome, n in self._polls.items():
+            self.poll_cache.labels(outcome).inc(n)
+        self._calls.clear()
+        self._client_calls.clear()
+        self._polls.clear()
+        self.in_flight.set(self.calls_in_flight)
 
     def client(self, fingerprint: str | None) -> str:
         """A bounded label for a client: its fingerprint while there is room, else 'other'."""
@@ -105,7 +120,7 @@ class Metrics:
 
     def count_poll(self, outcome: str) -> None:
         """A direct poll: miss (it called V3), shared (another poll's call), hit (a kept result)."""
-        self._poll_cache[outcome].inc()
+        self._polls[outcome] += 1
 
     def observe_upstream(self, call: str, seconds: float) -> None:
         child = self._latency.get(call)
@@ -114,6 +129,7 @@ class Metrics:
         child.observe(seconds)
 
     def exposition(self) -> bytes:
+        self.flush()
         if not multiprocess():
             return generate_latest(self.registry)
         self.v3_breaker.refresh()  # this worker's; the others' as of their last scrape

@@ -28,6 +28,7 @@ import proxy
 from proxy import logs
 from proxy.cli import unknown_variables
 from proxy.fingerprint import Fingerprinter, fingerprint
+from proxy.metrics import FLUSH_EVERY
 from tests.helpers import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -275,8 +276,13 @@ def test__workers_2__share_one_port_and_sigterm_drains_them_all():
                                          headers={"Authorization": f"Bearer {KEY}"})
             with urllib.request.urlopen(req, timeout=10) as resp:
                 assert json.loads(resp.read())["code"] == 3
-        _, _, metrics = get(f"http://127.0.0.1:{port}/metrics")  # whichever worker answers: all of them
-        assert 'upscale_proxy_v2_calls_total{code="3",endpoint="progress",path="direct"} 60.0' in metrics.decode()
+        # whichever worker answers: all of them, the other workers' counts as of their last flush
+        # (every metrics.FLUSH_EVERY seconds)
+        total = 'upscale_proxy_v2_calls_total{code="3",endpoint="progress",path="direct"} 60.0'
+        deadline = time.monotonic() + 3 * FLUSH_EVERY
+        while total not in (metrics := get(f"http://127.0.0.1:{port}/metrics")[2].decode()):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
         assert proc.stop() == 0, proc.stderr()
         lines = proc.lines()
     served = {line["pid"] for line in lines if line["event"] == "v2.deprecated_call"}

@@ -80,8 +80,8 @@ async def v2_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     endpoint = request.match_info.route.name  # upscale, progress, images; None: no such endpoint
     audit = request[AUDIT] = AuditRecord(request.method, path, endpoint,
                                          _printable(request.headers.get("User-Agent", "")), time.perf_counter())
-    in_flight = parts.metrics.in_flight
-    in_flight.inc()
+    metrics = parts.metrics
+    metrics.calls_in_flight += 1
     try:
         try:
             caller = request[CALLER] = identify_caller(request, parts.fingerprint)
@@ -95,8 +95,8 @@ async def v2_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = v2_error(request, e, audit, parts.errors)
         parts.deprecation.apply(response.headers, endpoint)
     finally:
-        in_flight.dec()
-    parts.metrics.count_v2_call(endpoint or "unknown", audit.final_path, audit.v2_code, audit.fingerprint)
+        metrics.calls_in_flight -= 1
+    metrics.count_v2_call(endpoint or "unknown", audit.final_path, audit.v2_code, audit.fingerprint)
     logs.audit(audit.event(time.perf_counter()))
     return response
 

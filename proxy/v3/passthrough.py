@@ -87,7 +87,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     key = _caller_key(request)
     response: web.StreamResponse | None = None
-    metrics.in_flight.inc()
+    metrics.calls_in_flight += 1
     try:
         async with app[SESSION].request(
             request.method, url, headers=_end_to_end(request.headers), data=body,
@@ -115,7 +115,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         else:
             response = _error(502, "UPSTREAM_UNAVAILABLE", "the upstream could not be reached")
     finally:
-        metrics.in_flight.dec()
+        metrics.calls_in_flight -= 1
         metrics.observe_upstream("passthrough", time.perf_counter() - started)
     metrics.v3_passthrough.labels(request.method, response.status).inc()
     return response
