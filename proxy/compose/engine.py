@@ -156,8 +156,7 @@ class TaskEngine:
         else (or if Redis failed) in this process."""
         job_id = result.task.task_id
         if self._shared is not None:
-            doc = result.model_dump_json()
-            if await self._shared.put(_delivered_key(job_id), doc.encode() if isinstance(doc, str) else doc,
+            if await self._shared.put(_delivered_key(job_id), result.model_dump_json().encode(),
                                       self._settings.deadline):
                 self._news.add(task_id)
                 self._wake.set()

@@ -181,5 +181,4 @@ class PollCache:
 
     async def _write_shared(self, key: Key, result: TaskResult, ttl: float) -> None:
         assert self._shared is not None
-        doc = result.model_dump_json()
-        await self._shared.put(self._shared_key(key), doc.encode() if isinstance(doc, str) else doc, ttl)
+        await self._shared.put(self._shared_key(key), result.model_dump_json().encode(), ttl)
