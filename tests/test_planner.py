@@ -637,7 +637,7 @@ def test__translator__plans_a_repeated_body_once_and_keeps_each_images_own_facts
     first = translator.translate({"upscaling_resize": 2}, b64(64, 48).encode())
     flipped = encode(pattern(64, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # other pixels, same shape
     again = translator.translate({"upscaling_resize": 2}, base64.b64encode(flipped))
-    assert again.plan is first.plan and again.fields == first.fields == ["upscaling_resize"]
+    assert again.plan is first.plan and again.fields == first.fields == ("upscaling_resize",)
     assert again.image_b64 != first.image_b64  # the image forwarded is always the body's own
     other_shape = translator.translate({"upscaling_resize": 2}, b64(80, 48).encode())
     assert (other_shape.plan.output_size, first.plan.output_size) == ((160, 96), (128, 96))

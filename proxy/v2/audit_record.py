@@ -23,7 +23,7 @@ class AuditRecord:
     started: float  # perf_counter seconds
     fingerprint: str | None = None  # HMAC of the key, never the key; None when no key was sent
     # handlers
-    fields: list[str] | None = None  # the V2 fields present in the body
+    fields: tuple[str, ...] | None = None  # the V2 fields present in the body
     features: dict[str, str] | None = None  # V2 feature V3 lacks -> the policy applied
     warnings: list[str] | None = None
     path_taken: str | None = None  # direct | composed; the edge: refused | brownout

@@ -32,7 +32,7 @@ class Translation:
     image: ImageInfo
     image_b64: memoryview | bytes  # the base64 to forward (repaired if V2 leniency needed it)
     plan: Plan
-    fields: list[str]  # the V2 fields the body sets, for the audit event
+    fields: tuple[str, ...]  # the V2 fields the body sets, for the audit event (kept: never changed)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Translator:
 
 
 @lru_cache(maxsize=PLANS_KEPT)
-def _options(doc_key: bytes) -> tuple[V2UpscaleOptions, list[str]]:
+def _options(doc_key: bytes) -> tuple[V2UpscaleOptions, tuple[str, ...]]:
     """A body's fields (but its image), validated, and the names of those it sets; a V2Error for a
     bad one, which is not kept. Keyed by the fields as canonical JSON: the same text, the same
     answer."""
@@ -90,6 +90,6 @@ def _options(doc_key: bytes) -> tuple[V2UpscaleOptions, list[str]]:
     return validate_options(doc), fields_sent(doc)
 
 
-def fields_sent(doc: dict) -> list[str]:
+def fields_sent(doc: dict) -> tuple[str, ...]:
     """The V2 fields a body sets (null is "not set"), for the audit event."""
-    return [name for name in V2_FIELDS if doc.get(name) is not None]
+    return tuple(name for name in V2_FIELDS if doc.get(name) is not None)
