@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from tests.images import decode
@@ -74,3 +76,18 @@ async def wait_for_port(port: int, tries: int = 200) -> None:
                 return
         await asyncio.sleep(0.05)
     raise AssertionError(f"nothing listens on port {port}")
+
+
+async def recording_host(aiohttp_server, answer: Callable[[web.Request], web.StreamResponse]
+                         ) -> tuple[TestServer, list[str]]:
+    """A server on loopback answering every path and method with `answer` (which may raise, a
+    redirect say), and the list of what was asked of it (path and query), to assert on."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path_qs)
+        return answer(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return await aiohttp_server(app), seen

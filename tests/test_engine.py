@@ -24,6 +24,7 @@ from tests.helpers import (
     AUTH,
     free_port,
     poll_until_done,
+    recording_host,
     upscale,
     v2_call,
     wait_for_port,
@@ -95,15 +96,7 @@ async def bomb_host(aiohttp_server):
     # a PNG header, no more: decoders refuse it from its size before reading any pixel
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)) + \
         chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    served = []
-
-    async def image(request: web.Request) -> web.Response:
-        served.append(request.path)
-        return web.Response(body=bomb, content_type="image/png")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", image)
-    return await aiohttp_server(app), served
+    return await recording_host(aiohttp_server, lambda _: web.Response(body=bomb, content_type="image/png"))
 
 
 async def test__an_image_too_large__ends_the_task_once_with_one_fetch(emulator, start_proxy, bomb_host):

@@ -14,7 +14,7 @@ from proxy.compose.fetch import (
     parse_host,
     parse_origin,
 )
-from tests.helpers import closed_port_url
+from tests.helpers import closed_port_url, recording_host
 from tests.images import encode, pattern
 
 PNG = encode(pattern(8, 8))
@@ -74,15 +74,9 @@ async def test__configured_origin_and_host_entries__are_allowed(image_server):
 
 
 async def test__redirect__is_not_followed(image_server, aiohttp_server):
-    canary_hits = []
-
-    async def canary(request: web.Request) -> web.Response:
-        canary_hits.append(request.path)
-        return web.Response(body=PNG, content_type="image/png")
-
-    canary_app = web.Application()
-    canary_app.router.add_get("/{tail:.*}", canary)
-    canary_url = str((await aiohttp_server(canary_app)).make_url("/img.png"))
+    canary, canary_hits = await recording_host(aiohttp_server,
+                                               lambda _: web.Response(body=PNG, content_type="image/png"))
+    canary_url = str(canary.make_url("/img.png"))
     base = str(image_server.make_url("")).rstrip("/")
     allowed = AllowedOrigins.configure(base, origins=[canary_url.rsplit("/", 1)[0]])  # even to an allowed one
     async with aiohttp.ClientSession() as session:

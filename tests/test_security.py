@@ -22,7 +22,7 @@ from proxy.compose.task import new_task_id
 from proxy.emulator import EMULATOR
 from proxy.keys import RESULTS
 from proxy.settings import Settings
-from tests.helpers import closed_port_url, free_port, poll_until_done
+from tests.helpers import closed_port_url, free_port, poll_until_done, recording_host
 from tests.images import encode, pattern
 
 KEY = "sk-sec-4f1c9e2a7b3d8e6f0a5c"  # the key every call below is made with
@@ -364,16 +364,10 @@ async def test__path_traversal_on_images__is_404_with_a_v2_body_and_reads_nothin
 @pytest.fixture
 async def canary(aiohttp_server):
     """A server on another loopback port, not allowed: it counts what reaches it."""
-    hits: list[str] = []
-
-    async def count(request: web.Request) -> web.Response:
-        hits.append(request.path_qs)
+    def nowhere(_: web.Request) -> web.Response:
         raise web.HTTPFound("/")  # were it fetched, it would not lead anywhere either
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", count)
-    server = await aiohttp_server(app)
-    server.hits = hits
+    server, server.hits = await recording_host(aiohttp_server, nowhere)
     return server
 
 
@@ -395,12 +389,11 @@ async def test__v3_image_urls_at_another_loopback_port__are_never_fetched(start_
 
 async def test__v3_image_url_redirecting_to_the_canary__is_not_followed(start_emulator, start_proxy, canary,
                                                                         aiohttp_server):
-    async def moved(request: web.Request) -> web.Response:
+    def moved(_: web.Request) -> web.Response:
         raise web.HTTPFound(str(canary.make_url("/stolen.png")))
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", moved)
-    redirector = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    redirecting, _ = await recording_host(aiohttp_server, moved)
+    redirector = str(redirecting.make_url("")).rstrip("/")
     server, _ = await start_emulator()
     server.app[EMULATOR].settings.public_url = redirector
     client = await start_proxy(str(server.make_url("")), image_origins=redirector)  # allowed, yet
