@@ -31,8 +31,13 @@ class V2Status(IntEnum):
 
     @property
     def final(self) -> bool:
-        """A final status never changes again: a client stops polling."""
-        return self >= V2Status.SUCCESSFUL
+        return is_final(self)
+
+
+def is_final(status: int) -> bool:
+    """Whether a V2 status (an int, as the status tables give it) is final: it never changes again,
+    and a client stops polling. Without making the enum, which per poll is measurable."""
+    return status >= V2Status.SUCCESSFUL
 
 
 class V2Error(Exception):

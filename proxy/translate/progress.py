@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from proxy.errors import V2Status
+from proxy.errors import is_final
 from proxy.redact import redact
 from proxy.v3.models import TaskResult
 
@@ -71,7 +71,7 @@ def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int 
     """A V3 task result as V2 progress (the direct path); `key`, the caller's, is scrubbed from what
     V3 wrote (its failure reason)."""
     status = status_table.get(result.task.status, 1)  # unknown: still running
-    final = status >= V2Status.SUCCESSFUL  # V2Status.final, without making the enum on every poll
+    final = is_final(status)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     times = result.extra.debug_info
     images = result.images or []

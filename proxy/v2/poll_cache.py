@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
-from proxy.errors import V2Status
+from proxy.errors import V2Status, is_final
 from proxy.v3.models import TaskResult
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class PollCache:
             self._kept.popitem(last=False)
 
     def _final(self, result: TaskResult) -> bool:
-        return V2Status(self._status_table.get(result.task.status, V2Status.RUNNING)).final
+        return is_final(self._status_table.get(result.task.status, V2Status.RUNNING))
 
     def _ttl(self, result: TaskResult) -> float:
         """Seconds a result may answer polls, from now."""
