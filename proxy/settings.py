@@ -194,6 +194,14 @@ class Settings(_PolicySettings):
     poll_cache_seconds: float = Field(
         1.0, ge=0, le=60, description="seconds a running direct task's V3 result answers polls (0: off)"
     )
+    poll_outage_grace: float = Field(
+        300.0, gt=0, le=86400, description="seconds a task's polls ride through V3 (or the task store) being "
+        "unreachable with its last known state; past it, the task ends as failed (status 3) with the reason",
+    )
+    upstream_poll_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds for one V3 task-result call; past it, a poll answers the "
+        "task's last known state",
+    )
     poll_cache_max_entries: int = Field(
         100_000, ge=0, le=10_000_000,
         description="direct-task results kept for polls, least recently used dropped first (0: no cache, "

@@ -17,9 +17,17 @@ import orjson
 
 
 class V3Error(Exception):
-    """Base of the V3 client's errors; `status` is V3's HTTP status when there was one."""
+    """Base of the V3 client's errors; `status` is V3's HTTP status when there was one.
+
+    `transient`: the error says V3 can't answer now (unreachable, too slow, rate limited, a 5xx,
+    an unreadable reply from something in between), not that it refused this call: the same call
+    may well succeed later. Polls ride through these, and the task engine waits them out."""
 
     status: int | None = None
+
+    @property
+    def transient(self) -> bool:
+        return True
 
 
 class V3StatusError(V3Error):
@@ -30,6 +38,10 @@ class V3StatusError(V3Error):
         self.status = status
         self.reason = reason
         self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 429 or self.status >= 500
 
     @classmethod
     def from_reply(cls, status: int, body: bytes) -> V3StatusError:
