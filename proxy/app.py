@@ -26,6 +26,7 @@ from proxy.keys import (
     DEPRECATION,
     DIRECT,
     EXECUTOR,
+    LAST_KNOWN,
     MAPPINGS,
     METRICS,
     READINESS,
@@ -49,6 +50,7 @@ from proxy.stores import FileResultStore, SqliteTaskStore
 from proxy.v2 import edge
 from proxy.v2 import handlers as v2
 from proxy.v2.direct import DirectTasks
+from proxy.v2.last_known import LastKnown
 from proxy.v2.poll_cache import PollCache
 from proxy.v2.translation import Translator
 from proxy.v3.breaker import CircuitBreaker
@@ -167,7 +169,9 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         app[METRICS].v3_breaker.set_function(lambda: breaker.state)
         app[V3] = V3Client(session, app[UPSTREAM_URL], retries=s.upstream_retries,
                            backoff=s.upstream_retry_backoff, observe=app[METRICS].observe_upstream,
-                           breaker=breaker)
+                           breaker=breaker, poll_timeout=aiohttp.ClientTimeout(
+                               total=min(s.upstream_poll_timeout, s.upstream_timeout),
+                               connect=s.upstream_connect_timeout))
         cache = PollCache(app[MAPPINGS].task_status, fresh_for=s.poll_cache_seconds,
                           max_entries=s.poll_cache_max_entries, shared=app.get(SHARED_RESULTS))
         app[DIRECT] = DirectTasks(app[V3], cache, app.get(WEBHOOKS), s.webhook_fallback)
@@ -248,6 +252,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[READINESS] = Readiness()
     app[UPSTREAM_URL] = settings.upstream
     if settings.webhooks:
+    app[LAST_KNOWN] = LastKnown(settings.poll_outage_grace)
         # tokens any process accepts where deliveries are shared (Redis), else this process's own
         app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline,
                                                secret=(lambda: app[SECRET]) if settings.redis_url else None)

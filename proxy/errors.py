@@ -54,3 +54,11 @@ class V2Error(Exception):
         self.msg = msg
         self.upstream_status = upstream_status
         self.http_status = http_status
+
+
+class StoreUnavailable(V2Error):
+    """The task store can't be reached now (Redis down or restarting): code 5, retry. A poll
+    answers its task's last known state instead (proxy/v2/last_known.py)."""
+
+    def __init__(self, msg: str = "the task store is unavailable, retry") -> None:
+        super().__init__(V2Code.HOST_UNAVAILABLE, msg)

@@ -13,6 +13,7 @@ from proxy.settings import Settings
 from proxy.stores import ResultStore, TaskStore
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.direct import DirectTasks
+from proxy.v2.last_known import LastKnown
 from proxy.v2.translation import Translator
 from proxy.v3.client import V3Client
 from proxy.webhooks import WebhookTokens
@@ -45,6 +46,7 @@ RESULTS = web.AppKey("results", ResultStore)
 EXECUTOR = web.AppKey("executor", Executor)
 TASKS = web.AppKey("tasks", TaskEngine)
 DIRECT = web.AppKey("direct", DirectTasks)
+LAST_KNOWN = web.AppKey("last_known", LastKnown)  # what polls answer while V3 or the store can't
 WEBHOOKS = web.AppKey("webhooks", WebhookTokens)
 DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)

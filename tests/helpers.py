@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from novita_client.proto import ProgressResponse
 from PIL import Image
 
 from tests.images import decode
@@ -17,6 +18,9 @@ from tests.images import decode
 # a copy of ../shared/contracts, so that the suite runs from this repository alone
 CONTRACTS = Path(__file__).parent / "contracts"
 KEY = "sk-test-0123456789abcdef"
+PROGRESS_FIELDS = {"status", "progress", "eta_relative", "imgs", "failed_reason", "current_images", "submit_time",
+                   "execution_time", "txt2img_time", "finish_time", "info", "enable_nsfw_detection",
+                   "nsfw_detection_result", "debug_info"}
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -28,7 +32,19 @@ async def v2_call(client: TestClient, method: str, path: str, **kw) -> dict:
         assert resp.content_type == "application/json"
         doc = await resp.json()
     assert set(doc) == {"code", "msg", "data"}
+    if path.startswith("/v2/progress"):
+        check_progress_reply(doc)
     return doc
+
+
+def check_progress_reply(doc: dict) -> None:
+    """What every /v2/progress reply must be, whatever its code: `data` with every V2 field, which the
+    legacy SDK's own parser reads; a reply with an error code is a final failure, with the message."""
+    assert isinstance(doc["data"], dict) and set(doc["data"]) >= PROGRESS_FIELDS, doc
+    parsed = ProgressResponse.from_dict(doc)  # novita-client 0.4.12's
+    assert parsed.data.status.value == doc["data"]["status"], doc
+    if doc["code"]:
+        assert parsed.data.status.finished() and doc["data"]["failed_reason"] == doc["msg"], doc
 
 
 async def upscale(client: TestClient, body: dict, **kw) -> dict:

@@ -87,13 +87,18 @@ async def test__v3_pass_through_to_a_closed_port__says_so_without_the_address(st
 async def test__unreachable_upstream__detail_goes_to_the_log_not_the_client(start_proxy, log_lines):
     url = closed_port_url()
     client = await start_proxy(url, upstream_retries=0)
-    reply = await v2_call(client, "GET", "/v2/progress?task_id=abc")
+    reply = await upscale(client, {"image": b64(), "upscaling_resize": 2})
     assert reply["code"] == 5 and reply["msg"] == "upstream unreachable: could not connect to V3"
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")  # ridden through: nothing alarming
+    assert (poll["code"], poll["msg"]) == (0, "")
     failed = [line for line in log_lines if line["event"] == "upstream call failed"]
-    assert failed[0]["error"] == "V3Unreachable" and url.split(":")[-1] in failed[0]["detail"]
-    (event,) = log_lines.requests()
-    assert event["msg"] == reply["msg"] and event["path_taken"] == "direct"
-    assert "upstream_status" not in event
+    assert [line["error"] for line in failed] == ["V3Unreachable"] * 2
+    assert all(url.split(":")[-1] in line["detail"] for line in failed)
+    submitted, polled = log_lines.requests()
+    assert submitted["msg"] == reply["msg"] and submitted["path_taken"] == "direct"
+    assert polled["msg"] == "V3: could not connect to V3" and polled["ride_through"] == "unseen"
+    assert url.split("//")[1] not in polled["msg"]
+    assert "upstream_status" not in submitted and "upstream_status" not in polled  # no reply came
 
 
 # --- the audit record -----------------------------------------------------------------------------

@@ -100,10 +100,9 @@ async def test__upstream_unreachable__is_code_5_naming_no_address(start_proxy):
     client = await start_proxy(url, upstream_retries=1)
     reply = await upscale(client, OK)
     assert reply["code"] == 5 and "unreachable" in reply["msg"]
-    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")
-    assert poll["code"] == 5
-    for msg in (reply["msg"], poll["msg"]):
-        assert url.split("//")[1] not in msg and "Cannot connect" not in msg
+    assert url.split("//")[1] not in reply["msg"] and "Cannot connect" not in reply["msg"]
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")  # a poll rides through: still running
+    assert (poll["code"], poll["data"]["status"]) == (0, 1), poll
 
 
 @pytest.mark.parametrize(("changes", "words"), [
@@ -129,7 +128,8 @@ async def test__timeout__is_code_9(start_emulator, start_proxy):
     server, _ = await start_emulator(latency=2)
     client = await start_proxy(str(server.make_url("")), upstream_timeout=0.3)
     assert (await upscale(client, OK))["code"] == 9
-    assert (await v2_call(client, "GET", "/v2/progress?task_id=abc"))["code"] == 9
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")  # a poll rides through
+    assert (poll["code"], poll["data"]["status"]) == (0, 1), poll
 
 
 @pytest.mark.parametrize(("changes", "field"), [
@@ -196,7 +196,8 @@ async def test__bare_504_from_a_gateway__is_code_9(start_emulator, start_proxy):
     server, emu = await start_emulator(error_reason="GATEWAY_TIMEOUT")
     client = await start_proxy(str(server.make_url("")), upstream_retries=2)
     assert (await upscale(client, OK))["code"] == 9
-    assert (await v2_call(client, "GET", "/v2/progress?task_id=abc"))["code"] == 9
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")  # a poll rides through
+    assert (poll["code"], poll["data"]["status"]) == (0, 1), poll
     assert emu.requests["result"] == 3  # a GET is retried on 5xx
 
 
@@ -210,16 +211,21 @@ async def test__transient_5xx_on_poll__is_retried_and_succeeds(start_emulator, s
     assert emu.requests["result"] == 3
 
 
-async def test__unreadable_200_from_upstream__is_code_minus_1(aiohttp_server, start_proxy, log_lines):
+async def test__unreadable_200_from_upstream__is_code_minus_1_and_ridden_through_by_a_poll(aiohttp_server, start_proxy,
+                                                                                           log_lines):
     async def garbage(request):
         return web.Response(text="<html>an error page, sent with 200</html>", content_type="text/html")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", garbage)
     client = await start_proxy(str((await aiohttp_server(app)).make_url("")))
-    reply = await v2_call(client, "GET", "/v2/progress?task_id=abc")
+    reply = await upscale(client, OK)
     assert reply == {"code": -1, "msg": "upstream sent a reply the proxy cannot read", "data": None}
-    assert log_lines.requests()[0]["upstream_status"] == 200
+    poll = await v2_call(client, "GET", "/v2/progress?task_id=abc")
+    assert (poll["code"], poll["data"]["status"]) == (0, 1), poll
+    submitted, polled = log_lines.requests()
+    assert submitted["upstream_status"] == polled["upstream_status"] == 200
+    assert polled["ride_through"] == "unseen" and "cannot be read" in polled["msg"]
 
 
 # --- V3 error -> V2 error, at the edge: each kind of V3Error, by the table --------------------------

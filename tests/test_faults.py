@@ -16,15 +16,19 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from novita_client import NovitaClient, UpscaleRequest
+from novita_client.proto import UpscaleResizeMode
 from yarl import URL
 
 from proxy.compose.task import is_composed_id
 from proxy.emulator.app import Emulator
+from proxy.v2.last_known import LastKnown
 from proxy.v3.breaker import BreakerState, CircuitBreaker
 from proxy.v3.errors import V3Unreachable
 from tests.fake_upstream import FakeUpstream, Fault
 from tests.helpers import free_port, poll_until_done, upscale, v2_call
-from tests.images import encode, pattern
+from tests.images import decode, encode, pattern
+from tests.redis_server import RedisServer, redis_server_binary
 
 MiB = 1024 * 1024
 # a direct task (one V3 job is the answer) and a composed one (a V3 job, then a local crop)
@@ -139,15 +143,14 @@ async def port_open(env: Env) -> None:
 @dataclass(frozen=True)
 class Case:
     fault: Step
-    poll: tuple[int, str]  # (code, words in msg) of a poll of an accepted task during the fault
-    submit: tuple[int, str]  # the same, of an upscale
+    submit: tuple[int, str]  # (code, words in msg) of an upscale during the fault
     posts: int  # how many times that upscale reached the upstream: never more than once
     heal: Step = healthy
     settings: dict = field(default_factory=dict)
     poll_calls: int = 1  # at least this many calls reached the upstream for the poll (the engine's count too)
+    rides_through: bool = True  # the poll can't learn the task's state: it answers the last known one
 
 
-OK = (0, "")
 CONNECT = (5, "upstream unreachable: could not connect to V3")
 BROKE = (5, "upstream unreachable: the connection to V3 broke before its reply was read")
 SLOW = (9, "upstream did not answer in time")
@@ -156,39 +159,51 @@ UNAVAILABLE_503 = (5, "upstream error: SERVICE_NOT_AVAILABLE")
 GATEWAY_504 = (9, "upstream error: HTTP 504")
 UNREADABLE = (-1, "upstream sent a reply the proxy cannot read")
 CASES = {
-    "upstream down (port closed)": Case(port_closed, heal=port_open, poll=CONNECT, submit=CONNECT, posts=0,
-                                        poll_calls=0),
-    "upstream hangs past the timeout": Case(emulate(latency=1.0), poll=SLOW, submit=SLOW, posts=1,
+    "upstream down (port closed)": Case(port_closed, heal=port_open, submit=CONNECT, posts=0, poll_calls=0),
+    "upstream hangs past the timeout": Case(emulate(latency=1.0), submit=SLOW, posts=1,
                                             settings={"upstream_timeout": 0.3}),
     "5xx burst on polls (a GET recovers)": Case(
         emulate(error_reason="SERVICE_NOT_AVAILABLE", error_limit=2, error_endpoints=["result"]),
-        poll=OK, submit=OK, posts=1, poll_calls=3),
+        submit=(0, ""), posts=1, poll_calls=3, rides_through=False),
     "5xx burst on submissions (a POST is not re-sent)": Case(
         emulate(error_reason="SERVICE_NOT_AVAILABLE", error_limit=1, error_endpoints=["submit"]),
-        poll=OK, submit=UNAVAILABLE_503, posts=1),
-    "rate limited (429)": Case(emulate(error_reason="RATE_LIMIT_EXCEEDED"), poll=RATE_LIMITED,
-                               submit=RATE_LIMITED, posts=1),
-    "a gateway's HTML error page (504)": Case(emulate(error_reason="GATEWAY_TIMEOUT"), poll=GATEWAY_504,
-                                              submit=GATEWAY_504, posts=1),
-    "malformed JSON in a 200": Case(upstream_fault(Fault.MALFORMED_JSON), poll=UNREADABLE, submit=UNREADABLE,
-                                    posts=1),
-    "connection reset mid-reply": Case(upstream_fault(Fault.RESET_MID_REPLY), poll=BROKE, submit=BROKE, posts=1),
-    "connections reset as they open": Case(upstream_fault(Fault.RESET), poll=BROKE, submit=BROKE, posts=0,
-                                           poll_calls=0),
+        submit=UNAVAILABLE_503, posts=1, rides_through=False),
+    "rate limited (429)": Case(emulate(error_reason="RATE_LIMIT_EXCEEDED"), submit=RATE_LIMITED, posts=1),
+    "a gateway's HTML error page (504)": Case(emulate(error_reason="GATEWAY_TIMEOUT"), submit=GATEWAY_504, posts=1),
+    "malformed JSON in a 200": Case(upstream_fault(Fault.MALFORMED_JSON), submit=UNREADABLE, posts=1),
+    "connection reset mid-reply": Case(upstream_fault(Fault.RESET_MID_REPLY), submit=BROKE, posts=1),
+    "connections reset as they open": Case(upstream_fault(Fault.RESET), submit=BROKE, posts=0, poll_calls=0),
 }
 
 
+async def ride_throughs(client: TestClient) -> dict[str, float]:
+    """upscale_proxy_poll_ride_through_total by answer."""
+    async with client.get("/metrics") as resp:
+        lines = (await resp.text()).splitlines()
+    prefix = "upscale_proxy_poll_ride_through_total{answer=\""
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1]) for line in lines if line.startswith(prefix)}
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-async def test__fault__gets_its_v2_answer_and_tasks_accepted_before_it_finish_after_it(start_env, case: Case):
+async def test__fault__polls_ride_through_it_submissions_get_its_v2_answer_and_tasks_finish_after_it(
+        start_env, case: Case):
     # the breaker is off here, so that each fault's own answer shows (the breaker's tests are below)
     env = await start_env(breaker_failures=0, **case.settings)
     direct, composed = await env.accept_tasks()
+    known = {task_id: await poll(env.client, task_id) for task_id in (direct, composed)}  # V3 healthy
     fake, before = env.fake, env.fake.calls.copy()
 
     await maybe(case.fault(env))
     during = await poll(env.client, direct)  # first: a transient fault must meet this call
-    assert (during["code"], case.poll[1] in during["msg"]) == (case.poll[0], True), during
+    assert (during["code"], during["msg"]) == (0, ""), during
+    if case.rides_through:  # exactly what the last poll said: nothing alarming, nothing made up
+        assert during["data"] == known[direct]["data"], (during, known[direct])
+        assert (await ride_throughs(env.client)).get("last_known") == 1
+    else:
+        assert during["data"]["status"] in (0, 1, 2), during
     assert fake.calls["result"] - before["result"] >= case.poll_calls
+    composed_during = await poll(env.client, composed)  # answered from the store, as always
+    assert composed_during["code"] == 0 and composed_during["data"]["status"] in (0, 1, 2), composed_during
     posts = fake.calls["submit"]
     reply = await upscale(env.client, body(DIRECT))
     assert (reply["code"], case.submit[1] in reply["msg"]) == (case.submit[0], True), reply
@@ -198,6 +213,37 @@ async def test__fault__gets_its_v2_answer_and_tasks_accepted_before_it_finish_af
 
     await maybe(case.heal(env))
     await env.finish((direct, composed, *await env.accept_tasks()))
+
+
+async def test__outage__a_task_never_polled_here_is_running_and_past_the_grace_it_fails_with_the_reason(
+        start_env):
+    env = await start_env(breaker_failures=0, upstream_retries=0, poll_outage_grace=0.3)
+    direct, _ = await env.accept_tasks()
+    await env.fake.down()
+    first = await poll(env.client, direct)
+    assert first["code"] == 0 and (first["data"]["status"], first["data"]["progress"]) == (1, 0), first
+    await asyncio.sleep(0.35)
+    given_up = await poll(env.client, direct)
+    assert given_up["code"] == 0 and given_up["data"]["status"] == 3, given_up
+    reason = given_up["data"]["failed_reason"]
+    assert "could not be reached for" in reason and "could not connect to V3" in reason, reason
+    assert str(env.fake.port) not in reason
+    assert await ride_throughs(env.client) == {"unseen": 1, "past_grace": 1}
+
+    await env.fake.up()  # V3 back: the task's real state again
+    await env.finish((direct,))
+
+
+async def test__outage__a_final_answer_stands_through_it(start_env):
+    # no poll cache: every poll asks V3, so the answer during the outage is the last known one's
+    env = await start_env(breaker_failures=0, upstream_retries=0, poll_outage_grace=0.1, poll_cache_max_entries=0)
+    direct, _ = await env.accept_tasks()
+    done = await poll_until_done(env.client, direct)
+    await env.fake.down()
+    await asyncio.sleep(0.15)  # past the grace: a task that was answered final is not failed by it
+    reply = await poll(env.client, direct)
+    assert reply == {"code": 0, "msg": "", "data": done}
+    assert await ride_throughs(env.client) == {"last_known": 1}
 
 
 async def maybe(result: Awaitable[None] | None) -> None:
@@ -288,20 +334,9 @@ async def breaker_gauge(client: TestClient) -> float:
     return float(line.split()[1])
 
 
-async def through_the_breaker(client: TestClient, task_id: str) -> dict:
-    """Poll until the breaker lets a call through (a probe of the engine's may be out)."""
-    for _ in range(100):
-        reply = await poll(client, task_id)
-        if not reply["msg"].startswith(UNAVAILABLE):
-            return reply
-        await asyncio.sleep(0.05)
-    raise AssertionError("the breaker never closed")
-
-
-async def test__breaker__opens_after_n_failures_then_answers_code_5_without_connecting(start_env):
+async def test__breaker__opens_after_n_failures_then_submissions_get_code_5_without_connecting(start_env):
     env = await start_env(upstream_retries=0, breaker_failures=3, breaker_cooldown=0.3)
-    reply = await upscale(env.client, body(DIRECT))  # no composed task: the engine makes no call
-    direct, fake = reply["data"]["task_id"], env.fake
+    fake = env.fake
     fake.fault = Fault.RESET  # it counts the connections it accepts, and resets each
     fake.drop_connections()  # none kept alive from before: each call must connect
     await asyncio.sleep(0.05)
@@ -313,58 +348,81 @@ async def test__breaker__opens_after_n_failures_then_answers_code_5_without_conn
     assert fake.accepts - accepts == 3
     assert await breaker_gauge(env.client) == BreakerState.OPEN
 
-    for call in [lambda: poll(env.client, direct), lambda: upscale(env.client, body(DIRECT))] * 3:
-        reply = await call()
+    for _ in range(3):
+        reply = await upscale(env.client, body(DIRECT))
         assert reply["code"] == 5 and UNAVAILABLE in reply["msg"], reply
     assert fake.accepts - accepts == 3  # failed fast: no connection tried
 
     await asyncio.sleep(0.35)  # the cool-down; V3 is still down: the probe fails, it opens again
     reply = await upscale(env.client, body(DIRECT))
     assert reply["code"] == 5 and "broke" in reply["msg"]
-    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)
     assert fake.accepts - accepts == 4
+    assert await breaker_gauge(env.client) == BreakerState.OPEN
 
-    fake.fault = Fault.NONE
-    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)  # still cooling down
-    await asyncio.sleep(0.35)
-    assert await breaker_gauge(env.client) == BreakerState.HALF_OPEN
-    assert (await poll(env.client, direct))["code"] == 0  # the probe: V3 answers, it closes
+
+async def test__breaker__open__polls_still_try_v3_ride_through_and_the_first_answer_closes_it(start_env):
+    # a cool-down far longer than the test: only a poll's answer can close the breaker here
+    env = await start_env(upstream_retries=0, breaker_failures=2, breaker_cooldown=600)
+    reply = await upscale(env.client, body(DIRECT))
+    direct, fake = reply["data"]["task_id"], env.fake
+    known = await poll(env.client, direct)
+    fake.fault = Fault.RESET
+    fake.drop_connections()
+    await asyncio.sleep(0.05)
+    for _ in range(2):
+        assert (await upscale(env.client, body(DIRECT)))["code"] == 5
+    assert await breaker_gauge(env.client) == BreakerState.OPEN
+
+    accepts = fake.accepts
+    for _ in range(3):  # while open, a poll still goes, and answers what was last known
+        assert await poll(env.client, direct) == known
+    assert fake.accepts - accepts >= 3
+
+    fake.fault = Fault.NONE  # V3 is back: the next poll hears it, and so do submissions, at once
+    assert (await poll(env.client, direct))["code"] == 0
     assert await breaker_gauge(env.client) == BreakerState.CLOSED
+    assert (await upscale(env.client, body(DIRECT)))["code"] == 0
     await env.finish((direct,))
 
 
-async def test__breaker__on_a_closed_port__composed_tasks_wait_it_out_and_finish(start_env, log_lines):
+async def test__breaker__on_a_closed_port__polls_ride_through_and_composed_tasks_wait_it_out(start_env, log_lines):
     env = await start_env(upstream_retries=0, breaker_failures=2, breaker_cooldown=0.2)
     direct, composed = await env.accept_tasks()
     await env.fake.down()
-    for _ in range(2):
-        assert "could not connect" in (await poll(env.client, direct))["msg"]
-    assert (await poll(env.client, direct))["msg"].startswith(UNAVAILABLE)
-    data = (await poll(env.client, composed))["data"]  # a composed task answers from its store
-    assert data["status"] in (0, 1)
+    for task_id in (direct, composed, direct, direct):  # a composed task answers from its store
+        reply = await poll(env.client, task_id)
+        assert reply["code"] == 0 and reply["data"]["status"] in (0, 1), reply
+    assert (await upscale(env.client, body(DIRECT)))["msg"].startswith(UNAVAILABLE)
     await asyncio.sleep(0.3)  # the engine meets the open breaker (and may probe), and waits
     await env.fake.up()
-    assert (await through_the_breaker(env.client, direct))["code"] == 0
     await env.finish((direct, composed))
     waits = [line["why"] for line in log_lines if line["event"] == "task waits for V3"]
     assert any("V3 is unavailable" in why for why in waits), waits
 
 
-@pytest.mark.parametrize("reason", ["RATE_LIMIT_EXCEEDED", "INVALID_API_KEY", "TASK_NOT_FOUND"])
-async def test__breaker__answers_from_v3_never_open_it(start_env, reason):
+@pytest.mark.parametrize(("reason", "code"), [("RATE_LIMIT_EXCEEDED", 0), ("INVALID_API_KEY", 4),
+                                              ("TASK_NOT_FOUND", 3)])
+async def test__breaker__answers_from_v3_never_open_it(start_env, reason, code):
     env = await start_env(upstream_retries=0, breaker_failures=2)
     emulate(error_reason=reason, error_endpoints=["result"])(env)
     for _ in range(5):
         reply = await poll(env.client, str(uuid.uuid4()))
-        assert reply["code"] in (3, 4, 5) and reason in reply["msg"], reply
+        assert reply["code"] == code, reply
+        if code:  # a refusal: final, with V3's words; a rate limit is ridden through
+            assert reason in reply["msg"] and reply["data"]["failed_reason"] == reply["msg"], reply
+            assert reply["data"]["status"] == 3
+        else:
+            assert reply["data"]["status"] == 1
     assert await breaker_gauge(env.client) == BreakerState.CLOSED
 
 
-async def test__breaker__timeouts_open_it(start_env):
+async def test__breaker__poll_timeouts_open_it_and_are_ridden_through(start_env):
     env = await start_env(upstream_retries=0, upstream_timeout=0.2, breaker_failures=2, breaker_cooldown=5)
     emulate(latency=1.0)(env)
     answers = [(await poll(env.client, str(uuid.uuid4())))["code"] for _ in range(3)]
-    assert answers == [9, 9, 5]
+    assert answers == [0, 0, 0]
+    assert await breaker_gauge(env.client) == BreakerState.OPEN
+    assert (await upscale(env.client, body(DIRECT)))["msg"].startswith(UNAVAILABLE)
 
 
 # --- the circuit breaker, on its own clock ------------------------------------------------------
@@ -480,3 +538,96 @@ async def test__a_later_pass_whose_submission_may_have_reached_v3__is_not_sent_t
     data = await poll_until_done(env.client, reply["data"]["task_id"])
     assert data["status"] == 3 and "not sent again" in data["failed_reason"]
     assert env.fake.calls["submit"] == 2  # the first pass, and the second once
+
+
+# --- a legacy SDK's own wait loop, and the task store, through outages ------------------------------
+
+async def test__legacy_sdk_wait_for_task__rides_through_a_v3_outage_and_gets_its_images(start_env):
+    """novita-client 0.4.12 (requests, in threads): its `wait_for_task` reads `data.status` of every
+    poll and died on the first `data: null`. V3 goes down long enough for the breaker to open, and
+    comes back: both tasks finish, and their images download."""
+    env = await start_env(upstream_retries=0, breaker_failures=2, breaker_cooldown=600)
+    sdk = NovitaClient("sk-legacy-sdk-test", base_url=str(env.client.make_url("")).rstrip("/"))
+    image = base64.b64encode(encode(pattern(12, 9))).decode()
+    requests = [UpscaleRequest(image=image, upscaler_1="R-ESRGAN 4x+ Anime6B", upscaling_resize=2),
+                UpscaleRequest(image=image, upscaler_1="4x-UltraSharp", resize_mode=UpscaleResizeMode.SIZE,
+                               upscaling_resize_w=30, upscaling_resize_h=20, upscaling_crop=True)]
+    task_ids = [(await asyncio.to_thread(sdk.upscale, request)).data.task_id for request in requests]
+    await env.fake.down()
+    waits = [asyncio.create_task(asyncio.to_thread(sdk.wait_for_task, task_id, 120)) for task_id in task_ids]
+    refused = await asyncio.to_thread(sdk.upscale, requests[0])  # submissions do fail while V3 is down
+    assert refused.code.value == 5 and refused.data is None
+    await asyncio.to_thread(sdk.upscale, requests[0])
+    assert await breaker_gauge(env.client) == BreakerState.OPEN
+    await asyncio.sleep(1.5)  # the SDK polls every 0.5 s: a few polls meet the outage
+    assert not any(wait.done() for wait in waits)
+    await env.fake.up()
+
+    for (direct_or_composed, wait) in zip(("direct", "composed"), waits, strict=True):
+        progress = await asyncio.wait_for(wait, 60)
+        assert progress.code.value == 0 and progress.data.status.value == 2, (direct_or_composed, progress)
+        async with env.client.session.get(progress.data.imgs[0]) as resp:
+            size = decode(await resp.read()).size
+        assert size == {"direct": (24, 18), "composed": (30, 20)}[direct_or_composed]
+    assert await breaker_gauge(env.client) == BreakerState.CLOSED  # closed by a poll, long before the cool-down
+
+
+async def test__task_store_down__a_composed_poll_answers_its_last_known_state_and_the_task_finishes(
+        start_env, tmp_path):
+    redis = RedisServer(redis_server_binary(), tmp_path / "redis")
+    redis.start()
+    try:
+        env = await start_env(redis_url=redis.url, fingerprint_secret="one secret")
+        _, composed = await env.accept_tasks()
+        known = await poll(env.client, composed)
+        redis.stop(keep=True)
+        during = await poll(env.client, composed)
+        assert during == known  # not code 5: the store's outage is the proxy's to ride through
+        assert await ride_throughs(env.client) == {"last_known": 1}
+        redis.start()
+        await env.finish((composed,))
+    finally:
+        redis.stop()
+
+
+# --- what a poll answers when it can't learn the state, on its own clock ------------------------------
+
+RUNNING = {"status": 1, "progress": 0.5, "eta_relative": 3, "debug_info": {"submit_time_ms": 1000}}
+
+
+def test__last_known__answers_the_last_data_then_past_the_grace_a_final_failure_with_the_reason():
+    clock = Clock()
+    known = LastKnown(grace=300, clock=clock)
+    known.answered("t1", "fp", RUNNING)
+    assert known.stand_in("t1", "fp", "V3: down") == (RUNNING, "last_known")
+    clock.now += 300
+    assert known.stand_in("t1", "fp", "V3: down") == (RUNNING, "last_known")
+    clock.now += 1
+    data, kind = known.stand_in("t1", "fp", "V3: down")
+    assert kind == "past_grace" and data["status"] == 3 and data["debug_info"]["submit_time_ms"] == 1000
+    assert data["failed_reason"].startswith("the upstream could not be reached for 301 s (V3: down)")
+
+
+def test__last_known__an_answer_ends_the_outage_and_another_key_or_task_is_unseen():
+    clock = Clock()
+    known = LastKnown(grace=10, clock=clock)
+    known.answered("t1", "fp", RUNNING)
+    known.stand_in("t1", "fp", "V3: down")
+    clock.now += 9
+    known.answered("t1", "fp", RUNNING)  # V3 answered in between: the grace starts again
+    clock.now += 9
+    assert known.stand_in("t1", "fp", "V3: down")[1] == "last_known"
+    data, kind = known.stand_in("t1", "another fp", "V3: down")
+    assert kind == "unseen" and (data["status"], data["progress"], data["imgs"]) == (1, 0, None)
+
+
+def test__last_known__a_final_answer_stands_past_any_grace_and_the_oldest_go_first():
+    clock = Clock()
+    known = LastKnown(grace=1, max_entries=2, clock=clock)
+    done = {**RUNNING, "status": 2, "progress": 1, "imgs": ["https://v3.example/a.png"]}
+    known.answered("t1", "fp", done)
+    clock.now += 1000
+    assert known.stand_in("t1", "fp", "V3: down") == (done, "last_known")
+    known.answered("t2", "fp", RUNNING)
+    known.answered("t3", "fp", RUNNING)
+    assert len(known) == 2 and known.stand_in("t1", "fp", "V3: down")[1] == "unseen"

@@ -12,10 +12,11 @@ tasks and the blobs (with native TTLs), under one key prefix.
 Each change to a task and its lease is one Lua script, so two replicas never both change a task.
 Times are passed in, as in every store; floats go to Redis as their repr and are compared there.
 
-A lost connection (Redis down, restarting, too slow) raises V2Error code 5, "retry", from every
-method of the stores: the poll or submission that met it tells its client so, and the next call
-reconnects. RedisSharedResults is different: it only saves V3 calls, so it never raises; a Redis
-error makes it answer "nothing there" (and store nothing) for a few seconds.
+A lost connection (Redis down, restarting, too slow) raises StoreUnavailable (code 5, "retry")
+from every method of the stores: a submission that meets it tells its client so, a poll answers
+its task's last known state, and the next call reconnects. RedisSharedResults is different: it
+only saves V3 calls, so it never raises; a Redis error makes it answer "nothing there" (and store
+nothing) for a few seconds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.errors import V2Code, V2Error
+from proxy.errors import StoreUnavailable
 from proxy.stores.base import TaskRecord
 
 P = ParamSpec("P")
@@ -58,7 +59,7 @@ def _unavailable(method: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[
         try:
             return await method(self, *args, **kwargs)
         except (exceptions.ConnectionError, exceptions.TimeoutError) as e:
-            raise V2Error(V2Code.HOST_UNAVAILABLE, UNAVAILABLE) from e
+            raise StoreUnavailable(UNAVAILABLE) from e
 
     return mapped
 

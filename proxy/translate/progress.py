@@ -66,6 +66,14 @@ def v2_progress(*, status: int, progress: float, eta: float, imgs: list[str] | N
     }
 
 
+def failed_progress(reason: str, *, submit_ms: int = 0, execution_ms: int = 0, finish_ms: int = 0) -> dict:
+    """A final failure (status 3) as V2 progress data: the `data` of a poll that ends in an error,
+    so that an SDK's wait loop, which reads `data.status` whatever the code, stops with the reason
+    instead of crashing on `data: null`."""
+    return v2_progress(status=3, progress=0, eta=0, imgs=None, failed_reason=reason,
+                       submit_ms=submit_ms, execution_ms=execution_ms, finish_ms=finish_ms)
+
+
 def progress_data(result: TaskResult, status_table: dict[str, int], now_ms: int | None = None,
                   key: str | None = None) -> dict:
     """A V3 task result as V2 progress (the direct path); `key`, the caller's, is scrubbed from what

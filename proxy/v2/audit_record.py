@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # attributes that appear in the event only once something has set them
-_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "poll_cache", "msg")
+_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "poll_cache",
+             "ride_through", "msg")
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ class AuditRecord:
     v3_task_ids: list[str] | None = None  # a composed task's V3 jobs
     upstream_status: int | None = None  # V3's HTTP status; None when no call was made
     poll_cache: str | None = None  # a direct poll: miss | shared | hit (proxy/v2/poll_cache.py)
+    # a poll that could not reach V3 or the store: last_known | unseen | past_grace (proxy/v2/last_known.py)
+    ride_through: str | None = None
     # the edge, when the call ends
     v2_code: int = 0
     msg: str | None = None  # what the client was told, when the call failed

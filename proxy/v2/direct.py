@@ -37,7 +37,7 @@ class DirectTasks:
     async def result(self, task_id: str, key: str, fingerprint: str) -> tuple[TaskResult, int | None, Outcome]:
         """The task's V3 result: kept, shared with concurrent polls, or fetched. -> (the result,
         V3's HTTP status or None when this poll made no call, how it was answered)"""
-        return await self._cache.result(task_id, fingerprint, lambda: self._v3.task_result(task_id, key))
+        return await self._cache.result(task_id, fingerprint, lambda: self._v3.task_result(task_id, key, gated=False))
 
     async def deliver(self, fingerprint: str, result: TaskResult) -> None:
         """A result V3 sent to the webhook."""

@@ -17,7 +17,9 @@ middleware, not a chain of them, and what it needs from the app is looked up onc
 share of a poll's cost (tests/bench).
 
 Errors are values with a V2 code (V2Error) or V3's own (V3Error), turned into a V2 body in
-`v2_error` and nowhere else. Anything unexpected is logged with its traceback and answered with
+`v2_error` and nowhere else; on /v2/progress that body's `data` is a final failure (status 3, the
+message as `failed_reason`), never null. A poll meets few errors: transient faults of V3 or the
+store are answered by the handler with the task's last known state (proxy/v2/last_known.py). Anything unexpected is logged with its traceback and answered with
 code -1, never shown to the client.
 """
 
@@ -40,6 +42,7 @@ from proxy.mappings import ErrorTable
 from proxy.metrics import Metrics
 from proxy.redact import redact
 from proxy.translate.errors import to_v2_error
+from proxy.translate.progress import failed_progress
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import find_key
 from proxy.v2.reply import v2_reply
@@ -156,7 +159,9 @@ def v2_error(request: web.Request, e: Exception, audit: AuditRecord, errors: Err
     audit.v2_code, audit.msg = int(err.code), err.msg
     if err.upstream_status is not None:
         audit.upstream_status = err.upstream_status
-    return v2_reply(err.code, err.msg, status=err.http_status)
+    # a poll's error still carries progress data: SDK wait loops read data.status whatever the code
+    data = failed_progress(err.msg) if audit.endpoint == "progress" else None
+    return v2_reply(err.code, err.msg, data, status=err.http_status)
 
 
 def _from_http_error(e: web.HTTPException) -> V2Error:
@@ -166,9 +171,14 @@ def _from_http_error(e: web.HTTPException) -> V2Error:
 
 def _from_v3_error(request: web.Request, e: V3Error, errors: ErrorTable) -> V2Error:
     """Through the error table; the key that went upstream is redacted from what V3 said."""
+    log_v3_failure(request, e)
     caller = request.get(CALLER)
-    key = caller.key if caller else None
-    if e.__cause__ is not None:  # what aiohttp or the parser said (an address, ...): for operators only
+    return to_v2_error(e, errors, caller.key if caller else None)
+
+
+def log_v3_failure(request: web.Request, e: V3Error) -> None:
+    """What aiohttp or the parser said of a failed V3 call (an address, ...): for operators only."""
+    if e.__cause__ is not None:
+        caller = request.get(CALLER)
         log.warning("upstream call failed", method=request.method, path=request.path,
-                    error=type(e).__name__, detail=redact(str(e.__cause__), key))
-    return to_v2_error(e, errors, key)
+                    error=type(e).__name__, detail=redact(str(e.__cause__), caller.key if caller else None))

@@ -10,21 +10,25 @@ from yarl import URL
 
 from proxy.compose.task import is_composed_id
 from proxy.envtypes import host_name
-from proxy.errors import V2Code, V2Error
+from proxy.errors import StoreUnavailable, V2Code, V2Error
 from proxy.keys import (
     AUDIT,
     CALLER,
     DIRECT,
+    LAST_KNOWN,
     MAPPINGS,
     METRICS,
     SETTINGS,
     TASKS,
     TRANSLATOR,
 )
+from proxy.redact import redact
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
+from proxy.v2.edge import log_v3_failure
 from proxy.v2.reply import v2_reply
+from proxy.v3.errors import V3Error
 
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
@@ -98,16 +102,37 @@ async def progress(request: web.Request) -> web.Response:
         raise V2Error(V2Code.TASK_ID_NOT_EXIST, "task_id: no such task")
     audit = request[AUDIT]
     audit.task_id = task_id
+    fingerprint = request[CALLER].fingerprint
+    try:
+        data = await _progress_data(request, task_id, key, fingerprint)
+    except (V3Error, StoreUnavailable) as e:
+        if isinstance(e, V3Error) and not e.transient:
+            raise
+        # V3 or the store can't be reached now: the task's last known state, never the fault
+        if isinstance(e, V3Error):
+            log_v3_failure(request, e)
+        why = redact(f"V3: {e}", key) if isinstance(e, V3Error) else e.msg
+        data, audit.ride_through = app[LAST_KNOWN].stand_in(task_id, fingerprint, why)
+        audit.upstream_status = e.status if isinstance(e, V3Error) else None
+        audit.msg = why
+        app[METRICS].poll_ride_through.labels(audit.ride_through).inc()
+    else:
+        app[LAST_KNOWN].answered(task_id, fingerprint, data)
+    return v2_reply(data=data)
+
+
+async def _progress_data(request: web.Request, task_id: str, key: str, fingerprint: str | None) -> dict:
+    """The task's V2 progress: a composed task's from the store, a direct task's from V3's result."""
+    app, audit = request.app, request[AUDIT]
     if is_composed_id(task_id):
         audit.path_taken = "composed"
-        data = await app[TASKS].progress(task_id, key, request[CALLER].fingerprint, _image_url(request, task_id))
+        data = await app[TASKS].progress(task_id, key, fingerprint, _image_url(request, task_id))
         if data is not None:
-            return v2_reply(data=data)
+            return data
     audit.path_taken = "direct"
-    result, audit.upstream_status, audit.poll_cache = await app[DIRECT].result(
-        task_id, key, request[CALLER].fingerprint)
+    result, audit.upstream_status, audit.poll_cache = await app[DIRECT].result(task_id, key, fingerprint)
     app[METRICS].count_poll(audit.poll_cache)
-    return v2_reply(data=progress_data(result, app[MAPPINGS].task_status, key=key))
+    return progress_data(result, app[MAPPINGS].task_status, key=key)
 
 
 async def image(request: web.Request) -> web.Response:

@@ -13,6 +13,11 @@ waits it out with back-off, as it does any outage.
 
 The V3 client asks `admit()` before each attempt and reports how the attempt ended. Results of
 calls let through before the breaker last opened are not counted: the probe alone decides.
+
+Polls are not gated (DESIGN.md, "Polls are the most forgiving hop"): a task-result call is a cheap,
+idempotent GET that may always try, and a legacy SDK's wait loop dies on the first poll that is
+not code 0. Such calls report through `observe()`: while closed, their "down" failures count like
+any other; while open, an answer from V3 is the best probe there is, and closes the breaker at once.
 """
 
 from __future__ import annotations
@@ -85,8 +90,17 @@ class CircuitBreaker:
         if down:
             self._failed(ticket)
         elif ticket.probe:
-            self._close()
+            self._close("V3 answered the probe")
         elif ticket.period == self._period and self._opened_at is None:
+            self._streak = 0
+
+    def observe(self, *, down: bool) -> None:
+        """How a call that did not ask `admit()` ended (a poll, which always tries)."""
+        if down:
+            self._failed(Ticket(probe=False, period=self._period))
+        elif self._opened_at is not None:
+            self._close("V3 answered a poll")
+        else:
             self._streak = 0
 
     def abandon(self, ticket: Ticket) -> None:
@@ -112,6 +126,6 @@ class CircuitBreaker:
         self._period += 1
         log.warning("V3 circuit breaker open: calls fail fast", why=why, cooldown=self._cooldown)
 
-    def _close(self) -> None:
+    def _close(self, why: str) -> None:
         self._opened_at, self._probing, self._streak = None, False, 0
-        log.info("V3 circuit breaker closed: V3 answered the probe")
+        log.info("V3 circuit breaker closed", why=why)

@@ -9,7 +9,9 @@ reached the upstream it is never sent again (a second upscale would be a second 
 
 Every attempt goes through the client's circuit breaker (`proxy.v3.breaker`): after repeated
 failures that say V3 is down, attempts fail fast with V3Unreachable, without touching the network,
-until a probe call after the cool-down finds V3 back.
+until a probe call after the cool-down finds V3 back. A poll (`task_result(gated=False)`) always
+tries, with its own shorter timeout, and tells the breaker how it went: it is how a client
+waiting on a task hears V3 is back, and V3 answering it closes the breaker.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from proxy.v3.breaker import DOWN_STATUSES, CircuitBreaker
+from proxy.v3.breaker import DOWN_STATUSES, CircuitBreaker, Ticket
 from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import BadReply, SubmitReply, TaskResult
 from proxy.v3.payload import UpscaleBody
@@ -56,7 +58,8 @@ def _v3_error(e: aiohttp.ClientError | TimeoutError) -> V3Unreachable | V3Timeou
 class V3Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, *, retries: int = 2,
                  backoff: float = 0.1, observe: Callable[[str, float], None] | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None,
+                 poll_timeout: aiohttp.ClientTimeout | None = None) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._submit_url = URL(f"{self._base}/v3/async/upscale")
@@ -64,6 +67,7 @@ class V3Client:
         self._backoff = backoff
         self._observe = observe or (lambda call, seconds: None)
         self.breaker = breaker or CircuitBreaker()  # one per upstream: this client's
+        self._poll_timeout = poll_timeout  # a task-result call's (None: the session's)
 
     async def submit(self, body: UpscaleBody, key: str) -> tuple[str, int]:
         """POST /v3/async/upscale -> (V3 task id, HTTP status)."""
@@ -74,13 +78,15 @@ class V3Client:
             self._observe("submit", time.perf_counter() - started)
         return self._parse(reply, SubmitReply).task_id, reply.status
 
-    async def task_result(self, task_id: str, key: str) -> tuple[TaskResult, int]:
-        """GET /v3/async/task-result -> (the task result, HTTP status)."""
+    async def task_result(self, task_id: str, key: str, *, gated: bool = True) -> tuple[TaskResult, int]:
+        """GET /v3/async/task-result -> (the task result, HTTP status). `gated=False`: the call
+        goes even while the breaker is open (a client's poll)."""
         quoted = task_id if _PLAIN_ID.fullmatch(task_id) else quote(task_id, safe="")
         url = URL(f"{self._base}/v3/async/task-result?task_id={quoted}", encoded=True)
+        kwargs = {} if self._poll_timeout is None else {"timeout": self._poll_timeout}
         started = time.perf_counter()
         try:
-            reply = await self._call("GET", url, key)
+            reply = await self._call("GET", url, key, gated=gated, **kwargs)
         finally:
             self._observe("result", time.perf_counter() - started)
         return self._parse(reply, TaskResult), reply.status
@@ -94,25 +100,32 @@ class V3Client:
         except BadReply as e:
             raise V3BadReply("V3 sent a reply that cannot be read") from e
 
-    async def _call(self, method: str, url: URL, key: str, **kwargs) -> Reply:
+    async def _call(self, method: str, url: URL, key: str, *, gated: bool = True, **kwargs) -> Reply:
         headers = {"Authorization": f"Bearer {key}"}
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
-            ticket = self.breaker.admit()  # open: V3Unreachable now, and nothing is sent
+            ticket = self.breaker.admit() if gated else None  # open: V3Unreachable now, and nothing is sent
             try:
                 async with self._session.request(method, url, headers=headers, **kwargs) as resp:
                     reply = Reply(resp.status, await resp.read())
             except (aiohttp.ClientError, TimeoutError) as e:
-                self.breaker.record(ticket, down=True)
+                self._report(ticket, down=True)
                 error = _v3_error(e)
                 if isinstance(error, V3Timeout) or last or (error.sent and method != "GET"):
                     raise error from e  # a POST that may have arrived is not re-sent; a timeout is not retried
             except BaseException:  # cancelled, or a bug: it says nothing about V3
-                self.breaker.abandon(ticket)
+                if ticket is not None:
+                    self.breaker.abandon(ticket)
                 raise
             else:
-                self.breaker.record(ticket, down=reply.status in DOWN_STATUSES)
+                self._report(ticket, down=reply.status in DOWN_STATUSES)
                 if method != "GET" or last or reply.status not in RETRY_STATUSES:
                     return reply
             await asyncio.sleep(random.uniform(0, min(self._backoff * 2**attempt, MAX_BACKOFF)))
         raise AssertionError("unreachable")  # the last attempt always returns or raises
+
+    def _report(self, ticket: Ticket | None, *, down: bool) -> None:
+        if ticket is None:
+            self.breaker.observe(down=down)
+        else:
+            self.breaker.record(ticket, down=down)
