@@ -1,18 +1,21 @@
 """What keeps one proxy process standing under hostile input and overload.
 
-- A deadline for a submission's body (`UPSCALE_PROXY_REQUEST_TIMEOUT`): a client that declares
-  48 MB, sends part of it and stalls is answered with code 9 once it passes, and what it sent is
+- A deadline for a request's body (`UPSCALE_PROXY_REQUEST_TIMEOUT`): a client that declares
+  48 MB, sends part of it and stalls is answered once it passes (code 9), and what it sent is
   freed. (Headers that never end are aiohttp's: `keepalive_timeout` closes such a connection.)
-- A budget of submission bytes in flight across the process (`UPSCALE_PROXY_MAX_INFLIGHT_MB`): a
-  submission whose Content-Length would go past it gets code 5 at once, before its body is read; a
-  chunked body counts as it arrives and is refused where it crosses the budget. A submission's
-  bytes count until its answer is made.
+- A budget of request bytes in flight across the process (`UPSCALE_PROXY_MAX_INFLIGHT_MB`): a
+  body whose Content-Length would go past it is refused at once (code 5), before it is read; a
+  chunked body counts as it arrives and is refused where it crosses the budget. A body's bytes
+  count until its answer is made.
 - A cap on submissions waiting on V3 at once (`UPSCALE_PROXY_MAX_UPSTREAM_CALLS`): past it, code 5
   at once, instead of a queue (of bodies, in memory) behind the upstream connection pool.
 
 A refusal is code 5, "the proxy is overloaded ..., retry": a fast answer an SDK retries beats a
-queue that grows until the process is killed. Only submissions are refused (the `shed_load` unit
-of the V2 edge); polls are cheap and keep answering under load.
+queue that grows until the process is killed. Every body the proxy reads goes through the first
+two: submissions with the cap too (`admit`: `POST /v2/upscale`, the `shed_load` unit of the V2
+edge, and /v3 pass-through calls with a body), `POST /_proxy/translate` without (`read_body`: it
+calls no one). The refusals are V2 errors; the pass-through answers them in V3's words. Polls have
+no body and keep answering under load.
 
 While a load lasts, glibc keeps the memory freed bodies were in (`keep_freed_memory`: no fresh
 page faults for the next body); once it has passed, that memory goes back to the OS
@@ -49,8 +52,16 @@ class Overloaded(V2Error):
         self.limit = limit  # the metric's label: bytes | upstream_calls
 
 
+class BodyTimeout(V2Error):
+    """Code 9: the request's body did not arrive before the deadline; what came is let go."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(V2Code.TIMEOUT, f"the request body did not arrive within {seconds:g} s")
+
+
 class Limits:
-    """The process's budget of submission bytes in flight and its cap on submissions waiting on V3."""
+    """The process's budget of request bytes in flight, its body deadline, and its cap on
+    submissions waiting on V3."""
 
     def __init__(self, max_bytes: int, max_upstream_calls: int, body_timeout: float,
                  on_refusal: Callable[[str], None] | None = None) -> None:
@@ -65,11 +76,26 @@ class Limits:
         return self.bytes_in_flight == 0 and self.upstream_calls == 0
 
     async def admit(self, request: web.Request) -> Callable[[], None]:
-        """Admit a submission: its body read under the deadline and counted against the budget,
-        then a place among the calls waiting on V3. -> the function that lets both go, to be
-        called once whatever happens next. Refused with Overloaded (code 5), a V2Error (code 9:
-        the body was too slow) or HTTP 413 (too large)."""
+        """Admit a submission: its body (`read_body`), then a place among the calls waiting on V3.
+        -> the function that lets both go, to be called once whatever happens next. Refused with
+        Overloaded (code 5), BodyTimeout (code 9) or HTTP 413 (too large)."""
         self._check_calls()
+        counted = await self._read(request)
+        try:
+            self._check_calls()  # it may have filled while the body came
+        except BaseException:
+            counted.release()
+            raise
+        self.upstream_calls += 1
+        return partial(self._let_go, counted)
+
+    async def read_body(self, request: web.Request) -> Callable[[], None]:
+        """Read a request's body under the deadline, counted against the budget; then
+        `request.read()` has it. -> the function that lets its bytes go, to be called once its
+        answer is made. Refused with Overloaded, BodyTimeout or HTTP 413, as `admit`."""
+        return (await self._read(request)).release
+
+    async def _read(self, request: web.Request) -> _Counted:
         declared = request.content_length
         if declared is not None and declared > min(request.client_max_size, self.max_bytes):
             raise web.HTTPRequestEntityTooLarge(min(request.client_max_size, self.max_bytes), declared)
@@ -83,12 +109,10 @@ class Limits:
                     await self._in_time(request.read())
             else:
                 await self._in_time(self._read_chunked(request, counted))
-            self._check_calls()  # it may have filled while the body came
         except BaseException:
             counted.release()
             raise
-        self.upstream_calls += 1
-        return partial(self._let_go, counted)
+        return counted
 
     def _let_go(self, counted: _Counted) -> None:
         self.upstream_calls -= 1
@@ -99,8 +123,7 @@ class Limits:
             async with asyncio.timeout(self.body_timeout):
                 await reading
         except TimeoutError:
-            raise V2Error(V2Code.TIMEOUT, f"the request body did not arrive within "
-                                          f"{self.body_timeout:g} s") from None
+            raise BodyTimeout(self.body_timeout) from None
 
     async def _read_chunked(self, request: web.Request, counted: _Counted) -> None:
         """A body of unknown length, counted as it arrives; then it is the one `request.read()` gives."""
@@ -126,7 +149,7 @@ class Limits:
 
 
 class _Counted:
-    """One submission's bytes in the budget, released once, whatever happened."""
+    """One body's bytes in the budget, released once, whatever happened."""
 
     def __init__(self, limits: Limits) -> None:
         self._limits, self.n = limits, 0

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.errors import V2Error
 from proxy.guide import guide as make_guide
 from proxy.keys import MAPPINGS, METRICS, READINESS, TASK_STORE, TRANSLATOR, WEBHOOKS
+from proxy.limits import LIMITS
 from proxy.v2.reply import v2_reply
 
 # the proxy's own HTTP surface, kept by hand beside the code (tests/test_openapi.py holds them together)
@@ -51,9 +52,14 @@ async def guide(request: web.Request) -> web.Response:
 
 
 async def translate(request: web.Request) -> web.Response:
-    """POST a V2 upscale body: the V3 request(s) it becomes, with no upstream call."""
+    """POST a V2 upscale body: the V3 request(s) it becomes, with no upstream call. The body is read
+    under the body deadline and the byte budget (proxy/limits.py): code 9 or 5 as a submission."""
     try:
-        return v2_reply(data=request.app[TRANSLATOR].preview(await request.read()))
+        let_go = await request.app[LIMITS].read_body(request)
+        try:
+            return v2_reply(data=request.app[TRANSLATOR].preview(await request.read()))
+        finally:
+            let_go()
     except V2Error as e:
         return v2_reply(e.code, e.msg)
 

@@ -1,6 +1,7 @@
 """The process's limits (proxy/limits.py) with real servers on loopback: the byte budget, the body
 deadline and the cap on calls waiting on V3 shed submissions with a V2 body while polls keep
-answering; the V3 emulator's own store stays bounded."""
+answering; the /v3 pass-through (in V3's words) and /_proxy/translate go through the same limits;
+the V3 emulator's own store stays bounded."""
 
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def body_of(size: int) -> bytes:
     return orjson.dumps({"image": noise_b64(int((size * 0.75 / 3) ** 0.5)), "upscaling_resize": 2})
 
 
-def head(length: int | None = None, chunked: bool = False) -> bytes:
+def head(length: int | None = None, chunked: bool = False, path: str = "/v2/upscale") -> bytes:
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
-    return (f"POST /v2/upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\n{framing}\r\n\r\n").encode()
 
 
@@ -49,16 +50,23 @@ async def send_raw(client, data: bytes) -> tuple[asyncio.StreamReader, asyncio.S
     return reader, writer
 
 
-async def read_reply(reader: asyncio.StreamReader) -> dict:
-    """The V2 body of the HTTP response on `reader`, which must be a 200 with JSON."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], dict]:
+    """The HTTP response on `reader`, whose body must be JSON: (status, headers, body)."""
     async with asyncio.timeout(BOUND):
         status = await reader.readline()
-        assert status.startswith(b"HTTP/1.1 200"), status
+        assert status.startswith(b"HTTP/1.1 "), status
         headers = {}
         while (line := await reader.readline()) != b"\r\n":
             name, _, value = line.decode().partition(":")
             headers[name.strip().lower()] = value.strip()
-        return json.loads(await reader.readexactly(int(headers["content-length"])))
+        return int(status.split()[1]), headers, json.loads(await reader.readexactly(int(headers["content-length"])))
+
+
+async def read_reply(reader: asyncio.StreamReader) -> dict:
+    """The V2 body of the HTTP response on `reader`, which must be a 200 with JSON."""
+    status, _, body = await read_response(reader)
+    assert status == 200, (status, body)
+    return body
 
 
 async def post(client, data: bytes) -> dict:
@@ -198,6 +206,92 @@ async def test__polls_answer_while_the_byte_budget_sheds_submissions(emulator, s
         assert poll["code"] == 0, poll
     assert (await poll_until_done(proxy, reply["data"]["task_id"]))["status"] == 2
     await close(holder)
+
+
+# --- the same limits on the /v3 pass-through and /_proxy/translate ---------------------------------
+
+V3_SUBMIT, TRANSLATE = "/v3/async/upscale", "/_proxy/translate"
+
+
+def v3_body() -> bytes:
+    return orjson.dumps({"request": {"model_name": "RealESRNet_x4plus", "image_base64": b64(), "scale_factor": 2}})
+
+
+async def served_after(proxy, emu) -> None:
+    """A V3 submission through the pass-through and a translate preview are served (what was
+    refused before has given its bytes and places back)."""
+    tasks = len(emu.tasks)
+    async with proxy.post(V3_SUBMIT, data=v3_body(), headers=AUTH) as resp:
+        assert resp.status == 200, await resp.text()
+    assert len(emu.tasks) == tasks + 1
+    preview = await v2_call(proxy, "POST", TRANSLATE, json={"image": b64(), "upscaling_resize": 2})
+    assert preview["code"] == 0, preview
+
+
+async def test__stalled_body_on_v3_pass_through_and_translate__gets_the_deadline_answer_and_is_freed(
+        emulator, start_proxy):
+    server, emu = emulator
+    proxy = await start_proxy(str(server.make_url("")), request_timeout=0.5)
+    limits = proxy.server.app[LIMITS]
+    v3_reader, v3_writer = await send_raw(proxy, head(1_000_000, path=V3_SUBMIT) + b'{"request": {')
+    tr_reader, tr_writer = await send_raw(proxy, head(1_000_000, path=TRANSLATE) + b'{"image": "iVBOR')
+    await until(lambda: limits.bytes_in_flight == 2_000_000, "both bodies to be counted")
+
+    status, headers, body = await read_response(v3_reader)  # before BOUND, or it fails
+    assert (status, body) == (408, {"code": 408, "reason": "REQUEST_TIMEOUT", "metadata": {},
+                                    "message": "the request body did not arrive within 0.5 s"})
+    assert headers["connection"] == "close"
+    reply = await read_reply(tr_reader)
+    assert reply["code"] == 9 and "did not arrive within 0.5 s" in reply["msg"], reply
+    assert (limits.bytes_in_flight, limits.upstream_calls) == (0, 0)  # what they sent is let go
+    assert len(emu.tasks) == 0  # nothing of the stalled submission went upstream
+    await close(v3_writer)
+    await close(tr_writer)
+    await served_after(proxy, emu)
+
+
+async def test__past_the_byte_budget__v3_pass_through_and_translate_are_refused_before_their_body(
+        emulator, start_proxy):
+    server, emu = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    limits = proxy.server.app[LIMITS]
+    _, holder = await send_raw(proxy, head(700_000) + b'{"image": "')  # 700 KB of the budget, and stalls
+    await until(lambda: limits.bytes_in_flight == 700_000, "the first submission to be counted")
+
+    v3_reader, v3_writer = await send_raw(proxy, head(700_000, path=V3_SUBMIT))  # no body: the answer can't wait
+    status, headers, body = await read_response(v3_reader)
+    assert status == 503 and body["code"] == 503 and body["reason"] == "PROXY_OVERLOADED", body
+    assert body["message"].startswith("the proxy is overloaded") and "in flight" in body["message"], body
+    assert headers["connection"] == "close"
+    tr_reader, tr_writer = await send_raw(proxy, head(700_000, path=TRANSLATE))
+    reply = await read_reply(tr_reader)
+    assert reply["code"] == 5 and "in flight" in reply["msg"], reply
+    assert len(emu.tasks) == 0 and limits.bytes_in_flight == 700_000
+    async with proxy.get("/metrics") as resp:
+        assert 'upscale_proxy_limits_refused_total{limit="bytes"} 2.0' in await resp.text()
+
+    for writer in (v3_writer, tr_writer, holder):
+        await close(writer)
+    await until(lambda: limits.bytes_in_flight == 0, "the stalled submission to let go of its bytes")
+    await served_after(proxy, emu)  # the budget is given back
+    assert (limits.bytes_in_flight, limits.upstream_calls) == (0, 0)
+
+
+async def test__v3_pass_through_submissions__take_a_place_under_the_call_cap_and_its_polls_do_not(
+        start_emulator, start_proxy):
+    server, _ = await start_emulator(latency=1.0)
+    proxy = await start_proxy(str(server.make_url("")), max_upstream_calls=1)
+    limits = proxy.server.app[LIMITS]
+    waiting = asyncio.create_task(upscale(proxy, {"image": b64(), "upscaling_resize": 2}))
+    await until(lambda: limits.upstream_calls == 1, "a V2 submission waiting on V3")
+    async with proxy.post(V3_SUBMIT, data=v3_body(), headers=AUTH) as resp:
+        assert resp.status == 503 and "waiting on V3" in (await resp.json())["message"]
+    async with proxy.get("/v3/async/task-result", params={"task_id": "nope"}, headers=AUTH) as resp:
+        assert resp.status == 404  # a poll is not refused: V3 answered it
+    task_id = (await waiting)["data"]["task_id"]
+    async with proxy.post(V3_SUBMIT, data=v3_body(), headers=AUTH) as resp:
+        assert resp.status == 200, await resp.text()  # the place is given back
+    assert task_id and limits.upstream_calls == 0
 
 
 # --- the emulator's store ------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """V3 pass-through: `/v3/*` forwarded to the upstream unchanged, streamed both ways, so clients can
 move one call at a time to V3 without changing their base URL.
 
-One exception: an error reply (4xx, 5xx) is small, and V3's words may echo the key they were sent,
-so it is read whole (up to MAX_ERROR_BODY) and sent on with the key scrubbed (`redact`).
+Two exceptions. A request's body is read whole first, admitted as a V2 submission's is (the body
+deadline, the byte budget, the cap on calls waiting on V3: proxy/limits.py), so a slow or huge body
+is refused here, in V3's words, and never holds an upstream connection while it trickles in. And an error reply
+(4xx, 5xx) is small, and V3's words may echo the key they were sent, so it is read whole (up to
+MAX_ERROR_BODY) and sent on with the key scrubbed (`redact`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.keys import METRICS, SESSION, UPSTREAM_URL
+from proxy.limits import LIMITS, BodyTimeout, Overloaded
 from proxy.redact import redact
 
 # RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
@@ -38,6 +42,19 @@ def _end_to_end(headers: CIMultiDict | dict) -> CIMultiDict:
 def _error(status: int, reason: str, message: str) -> web.Response:
     body = {"code": status, "reason": reason, "message": message, "metadata": {}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _refusal(e: Exception) -> web.Response:
+    """A refusal of proxy/limits.py in V3's words. The connection is closed: the rest of a body
+    refused before it came is not worth reading to keep it."""
+    if isinstance(e, Overloaded):
+        response = _error(503, "PROXY_OVERLOADED", e.msg)
+    elif isinstance(e, BodyTimeout):
+        response = _error(408, "REQUEST_TIMEOUT", e.msg)
+    else:  # HTTP 413
+        response = _error(413, "REQUEST_BODY_TOO_LARGE", "the request body is too large")
+    response.force_close()
+    return response
 
 
 def _caller_key(request: web.Request) -> str | None:
@@ -82,8 +99,31 @@ def _decoded(body: bytes, encoding: str) -> bytes | None:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
+    # A call with a body is a submission, admitted as a V2 one is (proxy/limits.py): its body read
+    # under the deadline and counted against the byte budget until the answer is made, and a place
+    # under the cap on calls waiting on V3 (max_upstream_calls). The cap applies too because these
+    # calls wait on the same upstream connection pool, and the cap is what keeps part of that pool
+    # free for polls (V2's and the pass-through's own). Calls without a body (polls, downloads)
+    # are never refused, like V2 polls.
+    let_go = None
+    if request.body_exists:
+        try:
+            let_go = await app[LIMITS].admit(request)
+        except (Overloaded, BodyTimeout, web.HTTPRequestEntityTooLarge) as e:
+            response = _refusal(e)
+            metrics.v3_passthrough.labels(request.method, response.status).inc()
+            return response
+    try:
+        return await _forward(request, await request.read() if let_go else None)
+    finally:
+        if let_go:
+            let_go()
+
+
+async def _forward(request: web.Request, body: bytes | None) -> web.StreamResponse:
+    app = request.app
+    metrics = app[METRICS]
     url = URL(app[UPSTREAM_URL] + request.rel_url.raw_path_qs, encoded=True)  # bytes as the client sent them
-    body = request.content if request.body_exists else None
     started = time.perf_counter()
     key = _caller_key(request)
     response: web.StreamResponse | None = None
