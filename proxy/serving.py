@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from proxy import logs
 from proxy.settings import Settings
@@ -176,6 +179,46 @@ class Workers:
         return proc, announced_url(connect_host, port)
 
 
+MALFORMED = "400 Bad Request: the request line or headers could not be parsed"
+
+
+class _Connection(RequestHandler):
+    """aiohttp's handler of one connection, but a request its parser refuses gets MALFORMED, a fixed
+    400: aiohttp's own text quotes the bytes it could not parse (`Invalid header value char` and
+    the raw header, a key or whatever a client chose), and it has no hook for that reply
+    (aio-libs/aiohttp#3287). Only that error path differs: nothing is added per request."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):  # the parser's: its message quotes the request
+            message = MALFORMED
+        return super().handle_error(request, status, exc, message)
+
+
+class _Server(web.Server):
+    """aiohttp's Server (the protocol factory: one handler per connection), making `_Connection`s.
+    It and ProxyRunner reach into aiohttp 3.x internals (`_make_server`, `_loop`, `_kwargs`);
+    tests/test_hostile.py fails if an upgrade moves them."""
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """How `serve` runs the app: aiohttp's runner and server as they are, with the settings below,
+    but connections made by `_Connection`."""
+
+    def __init__(self, app: web.Application, grace: float = 60.0) -> None:
+        # aiohttp's signal handlers would close the listener at once: off (`_serve` drains instead)
+        super().__init__(app, handle_signals=False, access_log=None, shutdown_timeout=grace,
+                         keepalive_timeout=75.0)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the server aiohttp made for the app, all but its connections' class
+        return server
+
+
 @dataclass(frozen=True, slots=True)
 class Drain:
     """What SIGTERM and SIGINT start: `begin` (for /readyz: 503 from now on), `delay` seconds more of
@@ -226,9 +269,7 @@ async def _serve(app: web.Application, host: str, port: int, announce, drain: Dr
     for sig in STOP_SIGNALS:  # from the start: a signal while starting up stops it cleanly too
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
-    # aiohttp's own handlers would close the listener at once: off
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=drain.grace,
-                           keepalive_timeout=75.0)
+    runner = ProxyRunner(app, drain.grace)
     try:
         await runner.setup()  # every cleanup_ctx started: the upstream session, the stores, the engine
         try:

@@ -1,6 +1,7 @@
 """Hostile input against a real proxy on loopback: whatever a V2 client sends, it gets HTTP 200 and a
 V2 body with a known code (never -1, never a stack trace), and the proxy keeps serving. Below HTTP,
-whatever bytes a client sends, the server answers or closes, never hangs, and keeps serving."""
+whatever bytes a client sends, the server answers or closes, never hangs, and keeps serving; a
+request aiohttp can't parse gets a fixed 400 that echoes none of its bytes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from aiohttp import web
+
+from proxy.app import create_app
 from proxy.errors import V2Code
+from proxy.serving import MALFORMED, ProxyRunner
+from proxy.settings import Settings
 from proxy.v2.handlers import _host_header
 from tests.helpers import AUTH, KEY, poll_until_done, upscale, v2_call
 from tests.images import encode, pattern
@@ -439,3 +445,38 @@ async def test__a_client_that_stalls_mid_request__does_not_stop_the_others(proxy
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+# --- a request aiohttp's parser refuses: a fixed 400, none of its bytes echoed --------------------
+
+CANARY = b"sk-canary-7f3a9c"  # stands for a key in the bytes the parser refuses
+
+
+@pytest.fixture
+async def served(emulator, tmp_path):
+    """The proxy on a loopback port as `serve` runs it (ProxyRunner): its port."""
+    server, _ = emulator
+    runner = ProxyRunner(create_app(Settings(upstream=str(server.make_url("")), data_dir=tmp_path / "data")), grace=1)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, LOOPBACK, 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("request_head, bad", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CANARY + b"\x01\x7f\r\n\r\n", b"\x01\x7f"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Omni-" + CANARY + b"\x01: v\r\n\r\n", b"\x01"),
+    (b"POST /v2/upscale HTTP/1.1\r\nHost: x\r\nContent-Length: 5" + CANARY + b"\r\n\r\n", b""),
+    (b"GET /v2/progress?task_id=" + CANARY + b"\x01\x1b HTTP/1.1\r\nHost: x\r\n\r\n", b"\x01\x1b"),
+    (b"G" + CANARY + b"\x02ET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x02"),
+], ids=["header value", "header name", "content-length", "request target", "method"])
+async def test__a_request_the_parser_refuses__gets_a_fixed_400_without_its_bytes(served, log_lines, request_head, bad):
+    raw = await exchange(served, [request_head], close_write=False)
+    assert http_status(raw) == 400 and raw.partition(b"\r\n\r\n")[2] == MALFORMED.encode(), raw
+    for echoed in [CANARY, *(bytes([b]) for b in bad), *(b"\\x%02x" % b for b in bad)]:  # as sent, or quoted
+        assert echoed not in raw, (echoed, raw)
+    assert CANARY.decode() not in log_lines.text  # nor logged (proxy/logs.py's LibraryLogs)
+    assert_v2(*await raw_request(served, b"GET /v2/progress?task_id=abc HTTP/1.1\r\nHost: x\r\n"
+                                 b"Authorization: Bearer " + KEY.encode() + b"\r\n"))  # and it keeps serving
