@@ -127,6 +127,49 @@ async def test__task_store__a_task_saved_as_ended_is_no_longer_due(stores):
     assert await tasks.due(now=100, limit=10) == []
 
 
+async def test__task_store__a_capped_create_counts_the_running_tasks(stores):
+    tasks, _ = stores
+    assert await tasks.create(stored_task("a", due_at=5).record(), max_running=2)
+    assert await tasks.create(stored_task("b", due_at=5).record(), max_running=2)
+    assert not await tasks.create(stored_task("c", due_at=5).record(), max_running=2)
+    assert await tasks.get("c") is None and await tasks.due(now=10, limit=10) == ["a", "b"]
+    done = stored_task("a", due_at=5)
+    done.state = TaskState.SUCCEEDED
+    assert await tasks.acquire("a", "me", now=10, seconds=5) and await tasks.save(done.record(), "me")
+    assert await tasks.create(stored_task("c", due_at=5).record(), max_running=2)  # an ended task frees its place
+    assert await tasks.create(stored_task("d", due_at=5).record())  # no cap given: none applies
+
+
+async def test__task_store__a_wake_makes_a_running_task_due_and_never_later(stores):
+    tasks, _ = stores
+    await tasks.create(stored_task("a", due_at=50).record())
+    await tasks.create(stored_task("b", due_at=5).record())
+    await tasks.wake("a", 10)
+    await tasks.wake("b", 20)  # due earlier already: it stays so
+    await tasks.wake("missing", 10)
+    assert await tasks.due(now=10, limit=10) == ["b", "a"]
+    done = stored_task("c", due_at=50)
+    done.state = TaskState.FAILED
+    await tasks.create(done.record())
+    await tasks.wake("c", 10)  # an ended task is never due
+    assert await tasks.due(now=10, limit=10) == ["b", "a"]
+
+
+async def test__task_store__a_wake_during_a_lease_outlives_the_holders_save(stores):
+    tasks, _ = stores
+    task = stored_task("a", due_at=5)
+    await tasks.create(task.record())
+    assert await tasks.acquire("a", "me", now=10, seconds=30)
+    await tasks.wake("a", 12)  # the holder's step may have looked before it came
+    task.due_at = 100
+    assert await tasks.save(task.record(), "me")
+    assert await tasks.due(now=12, limit=10) == ["a"]
+    await tasks.wake("a", 12)  # a wake before the lease is the next step's to see: it is spent
+    assert await tasks.acquire("a", "me", now=12, seconds=30)
+    assert await tasks.save(task.record(), "me")
+    assert await tasks.due(now=12, limit=10) == [] and await tasks.due(now=100, limit=10) == ["a"]
+
+
 async def test__task_store__purgeable_tasks_are_past_their_purge_time(stores):
     tasks, _ = stores
     await tasks.create(stored_task("old", due_at=1, purge_at=50).record())

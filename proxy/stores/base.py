@@ -24,7 +24,9 @@ class TaskStore(Protocol):
     Times are passed in (epoch seconds), never read from a clock here, so that tests control them.
     """
 
-    async def create(self, task: TaskRecord) -> None: ...
+    async def create(self, task: TaskRecord, max_running: int | None = None) -> bool:
+        """Store a new task. With `max_running`, a running task is refused (False, nothing stored)
+        while that many are running already: counted here, the cap holds for every process."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -36,6 +38,11 @@ class TaskStore(Protocol):
         `owner` no longer holds the lease (it lapsed and another took it), and nothing is written."""
 
     async def release(self, task_id: str, owner: str) -> None: ...
+
+    async def wake(self, task_id: str, at: float) -> None:
+        """Make a running task due by `at` at the latest (what it waits for has come). If a lease
+        holder is moving it meanwhile, it is still due by `at` after the holder's save: the
+        holder's step may have looked before it came."""
 
     async def due(self, now: float, limit: int) -> list[str]:
         """Running tasks whose `due_at` has come and whose lease is free, the most overdue first."""

@@ -3,7 +3,8 @@ tasks and the blobs (with native TTLs), under one key prefix.
 
     <prefix>task:<id>   the task record, as JSON (the task's own document inside)
     <prefix>leases      hash: task id -> "<until> <owner>", while a process holds the task
-    <prefix>due         sorted set: running task ids by due_at
+    <prefix>due         sorted set: running task ids by due_at (its size: how many are running)
+    <prefix>wakes       hash: task id -> the time a wake asked for, while a lease holder moves it
     <prefix>purge       sorted set: every task id by purge_at
     <prefix>blob:<name> the bytes of an input or a composed image, with a TTL when given one
     <prefix>shared:<k>  RedisSharedResults: results every replica reads (webhook deliveries and
@@ -64,32 +65,39 @@ def _unavailable(method: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[
     return mapped
 
 
-# KEYS: task, due, purge; ARGV: id, doc, running (1/0), due_at, purge_at
+# KEYS: task, due, purge; ARGV: id, doc, running (1/0), due_at, purge_at, max running ('': none)
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.error_reply('task ' .. ARGV[1] .. ' exists') end
+if ARGV[3] == '1' and ARGV[6] ~= '' and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[3] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return 1
 """
 
-# KEYS: task, leases; ARGV: id, owner, now, until
+# KEYS: task, leases, wakes; ARGV: id, owner, now, until. The step to come sees what woke the task.
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local lease = redis.call('HGET', KEYS[2], ARGV[1])
 if lease and tonumber(string.match(lease, '^%S+')) >= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 """
 
-# KEYS: task, leases, due, purge; ARGV: id, owner, doc, running (1/0), due_at, purge_at
+# KEYS: task, leases, due, purge, wakes; ARGV: id, owner, doc, running (1/0), due_at, purge_at
 _SAVE = """
 local lease = redis.call('HGET', KEYS[2], ARGV[1])
 if not lease or string.match(lease, '^%S+ (.*)$') ~= ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[1])
-if ARGV[4] == '1' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1]) else redis.call('ZREM', KEYS[3], ARGV[1]) end
+local due_at, woken = ARGV[5], redis.call('HGET', KEYS[5], ARGV[1])
+if woken then
+  redis.call('HDEL', KEYS[5], ARGV[1])
+  if tonumber(woken) < tonumber(due_at) then due_at = woken end
+end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[3], due_at, ARGV[1]) else redis.call('ZREM', KEYS[3], ARGV[1]) end
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
 return 1
 """
@@ -98,6 +106,18 @@ return 1
 _RELEASE = """
 local lease = redis.call('HGET', KEYS[1], ARGV[1])
 if lease and string.match(lease, '^%S+ (.*)$') == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: due, leases, wakes; ARGV: id, at. Only running tasks are in `due`.
+_WAKE = """
+local due_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due_at then return 0 end
+if tonumber(due_at) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  local woken = redis.call('HGET', KEYS[3], ARGV[1])
+  if not woken or tonumber(woken) > tonumber(ARGV[2]) then redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) end
+end
 return 1
 """
 
@@ -126,20 +146,23 @@ class RedisTaskStore:
     def __init__(self, client: Redis, prefix: str) -> None:
         self._redis, self._prefix = client, prefix
         self._leases, self._due, self._purge = f"{prefix}leases", f"{prefix}due", f"{prefix}purge"
+        self._wakes = f"{prefix}wakes"
         self._create = client.register_script(_CREATE)
         self._acquire = client.register_script(_ACQUIRE)
         self._save = client.register_script(_SAVE)
         self._release = client.register_script(_RELEASE)
+        self._wake = client.register_script(_WAKE)
         self._due_ids = client.register_script(_DUE)
 
     def _key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
 
     @_unavailable
-    async def create(self, task: TaskRecord) -> None:
-        await self._create(keys=[self._key(task.task_id), self._due, self._purge],
-                           args=[task.task_id, _document(task), _running(task), repr(task.due_at),
-                                 repr(task.purge_at)])
+    async def create(self, task: TaskRecord, max_running: int | None = None) -> bool:
+        return bool(await self._create(
+            keys=[self._key(task.task_id), self._due, self._purge],
+            args=[task.task_id, _document(task), _running(task), repr(task.due_at), repr(task.purge_at),
+                  "" if max_running is None else max_running]))
 
     @_unavailable
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -151,13 +174,13 @@ class RedisTaskStore:
 
     @_unavailable
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
-        return bool(await self._acquire(keys=[self._key(task_id), self._leases],
+        return bool(await self._acquire(keys=[self._key(task_id), self._leases, self._wakes],
                                         args=[task_id, owner, repr(now), repr(now + seconds)]))
 
     @_unavailable
     async def save(self, task: TaskRecord, owner: str) -> bool:
         return bool(await self._save(
-            keys=[self._key(task.task_id), self._leases, self._due, self._purge],
+            keys=[self._key(task.task_id), self._leases, self._due, self._purge, self._wakes],
             args=[task.task_id, owner, _document(task), _running(task), repr(task.due_at),
                   repr(task.purge_at)],
         ))
@@ -165,6 +188,10 @@ class RedisTaskStore:
     @_unavailable
     async def release(self, task_id: str, owner: str) -> None:
         await self._release(keys=[self._leases], args=[task_id, owner])
+
+    @_unavailable
+    async def wake(self, task_id: str, at: float) -> None:
+        await self._wake(keys=[self._due, self._leases, self._wakes], args=[task_id, repr(at)])
 
     @_unavailable
     async def due(self, now: float, limit: int) -> list[str]:
@@ -178,7 +205,7 @@ class RedisTaskStore:
     @_unavailable
     async def delete(self, task_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as tx:
-            tx.delete(self._key(task_id)).hdel(self._leases, task_id)
+            tx.delete(self._key(task_id)).hdel(self._leases, task_id).hdel(self._wakes, task_id)
             tx.zrem(self._due, task_id).zrem(self._purge, task_id)
             await tx.execute()
 

@@ -1,11 +1,13 @@
 """The embedded task store: one SQLite file (WAL), shared by every process on the machine.
 
 Calls are short local transactions, made on the event loop; the lease is one conditional UPDATE,
-so two workers (or two processes) never both change a task.
+so two workers (or two processes) never both change a task. `woken_at` holds a wake that came
+while the task was leased, until the holder's save applies it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -20,7 +22,8 @@ CREATE TABLE IF NOT EXISTS composed_tasks (
     due_at      REAL NOT NULL,
     purge_at    REAL NOT NULL,
     lease_owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0
+    lease_until REAL NOT NULL DEFAULT 0,
+    woken_at    REAL
 );
 CREATE INDEX IF NOT EXISTS composed_tasks_due ON composed_tasks (state, due_at);
 CREATE INDEX IF NOT EXISTS composed_tasks_purge_at ON composed_tasks (purge_at);
@@ -34,12 +37,20 @@ class SqliteTaskStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(composed_tasks)")}
+        if "woken_at" not in columns:  # a data directory of a release before wakes
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                self._db.execute("ALTER TABLE composed_tasks ADD COLUMN woken_at REAL")
 
-    async def create(self, task: TaskRecord) -> None:
-        self._db.execute(
-            "INSERT INTO composed_tasks (task_id, doc, state, due_at, purge_at) VALUES (?, ?, ?, ?, ?)",
-            (task.task_id, task.doc, _state(task), task.due_at, task.purge_at),
+    async def create(self, task: TaskRecord, max_running: int | None = None) -> bool:
+        # one statement, one write transaction: the count and the insert can't be split by another process
+        cur = self._db.execute(
+            "INSERT INTO composed_tasks (task_id, doc, state, due_at, purge_at) SELECT ?, ?, ?, ?, ?"
+            " WHERE ? IS NULL OR (SELECT COUNT(*) FROM composed_tasks WHERE state = ?) < ?",
+            (task.task_id, task.doc, _state(task), task.due_at, task.purge_at,
+             max_running if task.running else None, _RUNNING, max_running),
         )
+        return cur.rowcount == 1
 
     async def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute("SELECT doc, state, due_at, purge_at FROM composed_tasks WHERE task_id = ?",
@@ -48,16 +59,17 @@ class SqliteTaskStore:
 
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
         cur = self._db.execute(
-            "UPDATE composed_tasks SET lease_owner = ?, lease_until = ? WHERE task_id = ? AND lease_until < ?",
+            "UPDATE composed_tasks SET lease_owner = ?, lease_until = ?, woken_at = NULL"
+            " WHERE task_id = ? AND lease_until < ?",
             (owner, now + seconds, task_id, now),
         )
         return cur.rowcount == 1
 
     async def save(self, task: TaskRecord, owner: str) -> bool:
         cur = self._db.execute(
-            "UPDATE composed_tasks SET doc = ?, state = ?, due_at = ?, purge_at = ?, lease_owner = NULL,"
-            " lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
-            (task.doc, _state(task), task.due_at, task.purge_at, task.task_id, owner),
+            "UPDATE composed_tasks SET doc = ?, state = ?, due_at = MIN(?, COALESCE(woken_at, ?)), purge_at = ?,"
+            " lease_owner = NULL, lease_until = 0, woken_at = NULL WHERE task_id = ? AND lease_owner = ?",
+            (task.doc, _state(task), task.due_at, task.due_at, task.purge_at, task.task_id, owner),
         )
         return cur.rowcount == 1
 
@@ -65,6 +77,13 @@ class SqliteTaskStore:
         self._db.execute(
             "UPDATE composed_tasks SET lease_owner = NULL, lease_until = 0 WHERE task_id = ? AND lease_owner = ?",
             (task_id, owner),
+        )
+
+    async def wake(self, task_id: str, at: float) -> None:
+        self._db.execute(
+            "UPDATE composed_tasks SET due_at = MIN(due_at, ?), woken_at = CASE WHEN lease_owner IS NULL"
+            " THEN NULL ELSE MIN(COALESCE(woken_at, ?), ?) END WHERE task_id = ? AND state = ?",
+            (at, at, at, task_id, _RUNNING),
         )
 
     async def due(self, now: float, limit: int) -> list[str]:
