@@ -224,12 +224,14 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
         EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,
-                       webhook_fallback=s.webhook_fallback, png_compress_level=s.png_compress_level),
+                       webhook_fallback=s.webhook_fallback, png_compress_level=s.png_compress_level,
+                       max_tasks=s.compose_max_tasks, outage_grace=s.poll_outage_grace,
+                       breaker_cooldown=s.breaker_cooldown),
         app[MAPPINGS].task_status, webhooks=app.get(WEBHOOKS),
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)
         if s.face_restorer_url else NO_FACES,
         on_state=lambda state: app[METRICS].composed_tasks.labels(state).inc(),
-        shared=app.get(SHARED_RESULTS),
+        shared=app.get(SHARED_RESULTS), on_evicted=app[METRICS].count_webhook_result_evicted,
     )
     worker = asyncio.create_task(engine.run(), name="task engine")
     yield
@@ -250,9 +252,9 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[DEPRECATION] = Deprecation(settings)
     app[BROWNOUTS] = Brownouts(settings.brownouts, settings.sunset_date, settings.deprecation_link)
     app[READINESS] = Readiness()
+    app[LAST_KNOWN] = LastKnown(settings.poll_outage_grace)
     app[UPSTREAM_URL] = settings.upstream
     if settings.webhooks:
-    app[LAST_KNOWN] = LastKnown(settings.poll_outage_grace)
         # tokens any process accepts where deliveries are shared (Redis), else this process's own
         app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline,
                                                secret=(lambda: app[SECRET]) if settings.redis_url else None)

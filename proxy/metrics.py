@@ -67,6 +67,11 @@ class Metrics:
                                registry=r, multiprocess_mode="livesum")
         self.composed_tasks = Counter("upscale_proxy_composed_tasks", "composed tasks by state reached",
                                       ["state"], registry=r)
+        # proxy/compose/engine.py: past MAX_DELIVERED, the oldest webhook result goes (its task asks V3)
+        self.webhook_results_evicted = Counter(
+            "upscale_proxy_webhook_results_evicted",
+            "webhook results of composed tasks dropped from a process's memory, oldest first, past its bound",
+            registry=r)
         self.v3_passthrough = Counter("upscale_proxy_v3_passthrough", "V3 calls passed through, by status",
                                       ["method", "status"], registry=r)
         self.poll_cache = Counter("upscale_proxy_poll_cache", "direct-path polls by how they were answered",
@@ -93,6 +98,7 @@ class Metrics:
         self._calls: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self._client_calls: collections.Counter[str] = collections.Counter()
         self._polls: collections.Counter[str] = collections.Counter()
+        self._webhook_results_evicted = 0
 
     def count_v2_call(self, endpoint: str, path: str, code: int, fingerprint: str | None) -> None:
         """One V2 call, in both counters (at the next flush)."""
@@ -110,6 +116,9 @@ class Metrics:
         self._calls.clear()
         self._client_calls.clear()
         self._polls.clear()
+        if self._webhook_results_evicted:
+            self.webhook_results_evicted.inc(self._webhook_results_evicted)
+            self._webhook_results_evicted = 0
         self.in_flight.set(self.calls_in_flight)
 
     def client(self, fingerprint: str | None) -> str:
@@ -126,6 +135,9 @@ class Metrics:
     def count_poll(self, outcome: str) -> None:
         """A direct poll: miss (it called V3), shared (another poll's call), hit (a kept result)."""
         self._polls[outcome] += 1
+
+    def count_webhook_result_evicted(self) -> None:
+        self._webhook_results_evicted += 1
 
     def observe_upstream(self, call: str, seconds: float) -> None:
         child = self._latency.get(call)

@@ -155,6 +155,11 @@ class Settings(_PolicySettings):
     compose_workers: int = Field(2, ge=1, le=64, description="threads for local image work")
     compose_max_pending: int = Field(8, ge=1, le=1024, description="compositions at once per process")
     compose_deadline: FiniteFloat = Field(900.0, gt=0, description="seconds until a composed task times out")
+    compose_max_tasks: int = Field(
+        1000, ge=1, le=1_000_000, description="composed tasks running at once, counted in the task store (so "
+        "across every process and replica on it); each keeps its input image until it is composed. Past it, a "
+        "composed submission gets code 5 before anything is sent to V3",
+    )
     png_compress_level: int = Field(
         4, ge=0, le=9, description="zlib level of the composed PNGs (0: none, 1: fastest, 9: smallest); 4 makes "
         "files within 5% of level 6's (Pillow's default, V2's) in under half its time on a 2048 x 2048 photo",

@@ -161,15 +161,15 @@ async def test__a_direct_task_whose_webhook_reaches_another_replica__is_answered
     assert on_second["data"] == data and emu.requests["result"] == 0
 
 
-async def test__a_composed_task_whose_webhooks_reach_another_replica__never_calls_task_result(
+async def test__a_composed_task_whose_webhooks_reach_another_replica__moves_on_at_once_without_task_result(
         redis_server, start_emulator, aiohttp_client, tmp_path):
     server, emu = await start_emulator(queue_delay=0.02, process_delay=0.02)
-    # the first replica holds the task; it hears of no webhook, so it looks after the fallback, and
-    # finds each job's result in Redis, where the second replica put it
+    # the first replica holds the task; the second puts each job's result in Redis and makes the
+    # task due in the task store, so the first moves it on at its next look, not at the fallback
     first, _, webhook = await replicas(aiohttp_client, tmp_path, redis_server.url, str(server.make_url("")),
-                                       webhook_fallback=1.0)
+                                       webhook_fallback=60)
     reply = await upscale(first, {"image": image(5, 3), **TWO_PASSES})
-    data = await poll_until_done(first, reply["data"]["task_id"])
+    data = await poll_until_done(first, reply["data"]["task_id"])  # gives up after ~10 s: two fallbacks are 120 s
     assert data["status"] == 2, data
     assert [(url.startswith(webhook), outcome) for url, outcome in emu.webhook_calls] == [(True, 204)] * 2
     assert (emu.requests["result"], emu.requests["submit"]) == (0, 2)

@@ -1,6 +1,7 @@
 """The stores' contract, one suite for every backend (SQLite and files; Redis on a real server),
 with times passed in; then replicas on one Redis, over HTTP: a task is composed once whichever
-replica is polled, and a Redis outage is code 5 until Redis is back."""
+replica is polled, running tasks are capped across replicas, and polls ride through a Redis
+outage until Redis is back."""
 
 from __future__ import annotations
 
@@ -247,6 +248,20 @@ async def test__two_replicas__a_task_submitted_to_one_and_polled_on_both__is_com
     async with second.get(f"/v2/images/{task_id}.png") as resp:  # the image is in Redis, for both
         assert resp.status == 200 and (await resp.read()).startswith(b"\x89PNG")
     assert not (tmp_path / "a" / "tasks.sqlite3").exists()
+
+
+async def test__two_replicas__share_one_cap_on_running_composed_tasks(redis_server, start_emulator, start_proxy,
+                                                                      tmp_path):
+    server, emu = await start_emulator(queue_delay=0, process_delay=0.5)
+    upstream, prefix = str(server.make_url("")), f"test-{uuid.uuid4().hex}:"
+    first, second = [await replica(start_proxy, upstream, redis_server.url, prefix, tmp_path / name,
+                                   compose_max_tasks=1) for name in "ab"]
+    reply = await upscale(first, composed_body())
+    refused = await upscale(second, composed_body())
+    assert reply["code"] == 0 and refused["code"] == 5 and "UPSCALE_PROXY_COMPOSE_MAX_TASKS" in refused["msg"]
+    assert emu.requests["submit"] == 1  # the refused one never reached V3
+    assert (await poll_until_done(second, reply["data"]["task_id"]))["status"] == 2
+    assert (await upscale(second, composed_body()))["code"] == 0  # its place is free again, for every replica
 
 
 async def test__a_replica_killed_mid_task__another_replica_on_the_same_redis_finishes_it(

@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.app import create_app
+from proxy.compose import engine as engine_module
 from proxy.fingerprint import fingerprint
-from proxy.keys import SECRET, WEBHOOKS
+from proxy.keys import SECRET, TASKS, WEBHOOKS
 from proxy.settings import Settings
 from proxy.webhooks import Owner, WebhookTokens
 from tests.helpers import KEY, free_port, poll_until_done, upscale
@@ -156,3 +157,20 @@ async def test__a_token__carries_the_fingerprint_never_the_key(start_emulator, s
     assert outcome == 204
     assert KEY not in url and KEY.encode() not in raw and KEY.encode().hex().encode() not in raw
     assert proxy.server.app[WEBHOOKS].owner(token).fingerprint == fingerprint(KEY, proxy.server.app[SECRET])
+
+
+async def test__delivered_results_past_the_bound__the_oldest_goes_and_is_counted(start_emulator,
+                                                                                  start_reachable_proxy,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(engine_module, "MAX_DELIVERED", 2)
+    server, _ = await start_emulator()
+    proxy = await start_reachable_proxy(str(server.make_url("")))
+    token = proxy.server.app[WEBHOOKS].issue("fp", TASK).rsplit("/", 1)[1]
+    for job in ("job-1", "job-2", "job-1", "job-3"):  # job-1 sent again by V3: now the newest
+        event = {"event_type": "ASYNC_TASK_RESULT",
+                 "payload": {"task": {"task_id": job, "status": "TASK_STATUS_SUCCEED"}, "images": []}}
+        async with proxy.post(f"/_proxy/webhooks/v3/{token}", json=event) as resp:
+            assert resp.status == 204
+    assert list(proxy.server.app[TASKS]._delivered) == ["job-1", "job-3"]
+    async with proxy.get("/metrics") as resp:
+        assert "upscale_proxy_webhook_results_evicted_total 1.0" in (await resp.text()).splitlines()

@@ -7,8 +7,18 @@ faces, store the PNG. When it looks again is set by V3's eta and the task's age,
 clients poll. A poll answers from the stored task at once; it may wake the worker, never waits.
 
 A failure that can't heal (an image that is refused, undecodable or too large, a V3 job that
-failed) ends the task at once; a rate limit or an outage at V3 is waited out, with back-off, until
-the task's deadline.
+failed) ends the task at once; a rate limit or an outage at V3 (`V3Error.transient`) is waited out,
+with back-off, until V3 has been out of reach for the outage grace (then status 3, saying so) or
+the task's deadline comes (status 4). The outage clock is part of the task, so a process taking the
+task over carries it on.
+
+Running tasks are capped across every process on the task store (each keeps its input image until
+it is composed): a submission past the cap is refused before V3 is asked. Once V3 has accepted a
+task's first job, the task is kept, whatever happens to its other branches: a charged job is never
+left without its task.
+
+A V3 webhook may reach any process (with Redis, any replica): the result is kept where the task's
+next step finds it, and the task falls due at once in the task store, for whichever process moves it.
 
 The caller's key is never stored. The engine holds each running task's key in memory, given by
 the submission and refreshed by every poll, so a task whose process died carries on in the next
@@ -41,8 +51,9 @@ from proxy.stores import ResultStore, TaskStore
 from proxy.translate.plan import Plan
 from proxy.translate.progress import v2_progress
 from proxy.translate.steps import ReadInput, V3Job
+from proxy.v3.breaker import BreakerState
 from proxy.v3.client import V3Client
-from proxy.v3.errors import V3BadReply, V3StatusError, V3Timeout, V3Unreachable
+from proxy.v3.errors import V3BadReply, V3Error, V3StatusError, V3Timeout, V3Unreachable
 from proxy.v3.models import TaskResult
 from proxy.v3.payload import UpscaleBody
 from proxy.webhooks import WebhookTokens
@@ -52,7 +63,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
-MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step
+MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step, in this process
+
+
 class _Unconfirmed(Exception):
     """A submission that may have reached V3 without its reply reaching us: never sent again."""
 
@@ -74,6 +87,9 @@ class EngineSettings:
     batch: int = 64  # due tasks taken per look
     stop_grace: float = 3.0  # at shutdown, seconds steps in flight may take to end before they are cut
     png_compress_level: int = PNG_LEVEL  # zlib level of the composed PNG (Settings.png_compress_level)
+    max_tasks: int | None = None  # running tasks across the task store; past it, submissions get code 5
+    outage_grace: float = 300.0  # seconds V3 may stay out of reach of a task before the task fails
+    breaker_cooldown: float = 10.0  # the V3 breaker's: no back-off is longer while it is open
 
 
 class TaskEngine:
@@ -82,12 +98,14 @@ class TaskEngine:
                  faces: FaceRestorer = NO_FACES, webhooks: WebhookTokens | None = None,
                  clock: Callable[[], float] = time.time,
                  on_state: Callable[[str], None] | None = None,
-                 shared: RedisSharedResults | None = None) -> None:
+                 shared: RedisSharedResults | None = None,
+                 on_evicted: Callable[[], None] | None = None) -> None:
         self._v3, self._tasks, self._results, self._fetcher = v3, tasks, results, fetcher
         self._executor, self._settings, self._status = executor, settings, status_table
         self.faces, self._webhooks = faces, webhooks
         self._clock = clock
         self._on_state = on_state or (lambda state: None)
+        self._on_evicted = on_evicted or (lambda: None)  # a delivered result dropped, past MAX_DELIVERED
         self._owner = uuid.uuid4().hex  # this process, as a lease holder
         self._keys: dict[str, str] = {}  # running task -> its caller's key: memory only, never stored
         self._busy: set[str] = set()  # tasks this process is moving right now
@@ -115,56 +133,99 @@ class TaskEngine:
 
     async def submit(self, plan: Plan, image_b64: memoryview | bytes, key: str,
                      fingerprint: str) -> tuple[str, list[str]]:
-        """Submit the first V3 job of each branch and store the task. -> (V2 task id, V3 job ids)"""
-        task_id = new_task_id()
-        source = pybase64.b64decode(image_b64)
-        if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
-            image_b64 = pybase64.b64encode(await self._v3_input_png(source, plan.read))
-        # the input is stored first: a store that is down (Redis) refuses the task with code 5
-        # before V3 is asked, and so before anything is charged
-        await self._results.put(f"{task_id}.input", source)
+        """Store the task and submit the first V3 job of each branch. -> (V2 task id, V3 job ids)"""
+        task = self._new_task(plan, fingerprint)
+        # the task takes its place first: past the cap, or with the store down (Redis), the
+        # submission gets code 5 before V3 is asked, and so before anything is charged
+        if not await self._tasks.create(task.record(), self._settings.max_tasks):
+            raise V2Error(V2Code.HOST_UNAVAILABLE, f"the proxy has {self._settings.max_tasks} composed tasks "
+                          "running, as many as it takes (UPSCALE_PROXY_COMPOSE_MAX_TASKS): retry later")
+        # held as a step holds a task until its first jobs are stored: a webhook that comes
+        # meanwhile wakes its next step (kept in `_news`, or in the store until the save)
+        self._busy.add(task.task_id)
         try:
-            firsts = await asyncio.gather(*(
-                self._v3.submit(self._body(b.v3_jobs[0], image_b64, task_id, fingerprint), key)
-                for b in plan.branches if b.v3_jobs
-            ))
+            if not await self._tasks.acquire(task.task_id, self._owner, self._clock(), self._settings.lease):
+                raise RuntimeError("a new task's lease was taken")
+            source = pybase64.b64decode(image_b64)
+            if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
+                image_b64 = pybase64.b64encode(await self._v3_input_png(source, plan.read))
+            await self._results.put(f"{task.task_id}.input", source)
+            accepted = await self._submit_firsts(task, image_b64, key)
+            if not await self._tasks.save(task.record(), self._owner):
+                raise RuntimeError("a new task's lease lapsed before its jobs were stored")
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._results.delete(f"{task_id}.input")
+                await self._results.delete(f"{task.task_id}.input")
+            with contextlib.suppress(Exception):
+                await self._tasks.delete(task.task_id)
             raise
-        ids = iter(job_id for job_id, _ in firsts)
+        finally:
+            self._busy.discard(task.task_id)
+        self._on_state(TaskState.RUNNING)
+        if task.state == TaskState.RUNNING:
+            self._keys[task.task_id] = key
+            self._wake.set()
+        else:  # V3 took a branch, then refused another: the task ends, its first poll says why
+            self._on_state(task.state)
+        return task.task_id, accepted
+
+    def _new_task(self, plan: Plan, fingerprint: str) -> ComposedTask:
         now = self._clock()
         longest = max((len(b.v3_jobs) for b in plan.branches), default=0)
         wait = self._settings.webhook_fallback if self._webhooks and longest else self._settings.min_wait
-        task = ComposedTask(
-            task_id=task_id, fingerprint=fingerprint, plan=plan, created=now,
+        return ComposedTask(
+            task_id=new_task_id(), fingerprint=fingerprint, plan=plan, created=now,
             eta=longest * V3_JOB_SECONDS + 1, eta_at=now,
             deadline=now + self._settings.deadline, due_at=now + wait,
             purge_at=now + self._settings.deadline + self._settings.keep_finished,
-            jobs=[[next(ids)] if b.v3_jobs else [] for b in plan.branches], jobs_done=[0] * len(plan.branches),
+            jobs=[[] for _ in plan.branches], jobs_done=[0] * len(plan.branches),
             outputs=[None] * len(plan.branches), started=not any(b.v3_jobs for b in plan.branches),
         )
-        await self._tasks.create(task.record())
-        self._keys[task.task_id] = key
-        self._on_state(TaskState.RUNNING)
-        self._wake.set()
-        return task.task_id, [job_id for job_id, _ in firsts]
+
+    async def _submit_firsts(self, task: ComposedTask, image_b64: memoryview | bytes, key: str) -> list[str]:
+        """The first job of each branch, one after the other. -> the job ids V3 accepted
+
+        A refusal of the first is the client's to hear, and nothing was charged. Once a job is
+        accepted the task is kept with it: a later branch V3 turned away is treated as in a step
+        (a rate limit or an outage is waited out and the worker submits it; a refusal ends the task)."""
+        accepted: list[str] = []
+        for b, branch in enumerate(task.plan.branches):
+            if not branch.v3_jobs:
+                continue
+            body = self._body(branch.v3_jobs[0], image_b64, task.task_id, task.fingerprint)
+            try:
+                job_id, _ = await self._v3.submit(body, key)
+            except V3Error as e:
+                if not accepted:
+                    raise
+                self._step_failed(task, _Unconfirmed(1) if _unconfirmed(e) else e, key)
+                break
+            task.jobs[b].append(job_id)
+            accepted.append(job_id)
+        return accepted
 
     async def deliver(self, task_id: str, result: TaskResult) -> None:
         """A V3 job's result, sent to the webhook: the task's next step reads it, not V3. With
-        the shared tier (Redis) it is kept there, for whichever replica holds the task's lease;
-        else (or if Redis failed) in this process."""
+        the shared tier (Redis) it is kept there, and the task falls due now in the task store, for
+        whichever replica holds it; else (or if Redis failed) in this process."""
         job_id = result.task.task_id
         if self._shared is not None:
             if await self._shared.put(_delivered_key(job_id), result.model_dump_json().encode(),
                                       self._settings.deadline):
+                try:
+                    await self._tasks.wake(task_id, self._clock())
+                except Exception as e:  # its step comes at the webhook fallback instead
+                    log.warning("a delivered result could not wake its task", task_id=task_id, error=str(e))
                 self._news.add(task_id)
                 self._wake.set()
                 return
-        if len(self._delivered) < MAX_DELIVERED:
-            self._delivered[job_id] = result
-            self._news.add(task_id)
-            self._wake.set()
+        self._delivered.pop(job_id, None)  # a webhook sent again counts as the newest
+        if len(self._delivered) >= MAX_DELIVERED:  # the oldest goes: its task asks V3 at its fallback
+            del self._delivered[next(iter(self._delivered))]
+            self._on_evicted()
+        self._delivered[job_id] = result
+        self._news.add(task_id)
+        self._wake.set()
 
     async def progress(self, task_id: str, key: str, fingerprint: str, image_url: str) -> dict | None:
         """The V2 progress data of a composed task, from what is stored; None if there is none."""
@@ -268,27 +329,30 @@ class TaskEngine:
             return self._end(task, TaskState.TIMEOUT, "the task did not finish before its deadline", now)
         try:
             waiting = await self._follow_jobs(task, key)
+            task.retries, task.unreachable_since = 0, None  # V3 answered: any outage is over
             if task.state == TaskState.RUNNING and waiting is None:
                 await self._compose(task)
             elif task.state == TaskState.RUNNING:
-                task.retries = 0
                 task.due_at = self._clock() + self._wait(task, waiting)
-        except _Unconfirmed as e:
-            self._end(task, TaskState.FAILED, f"V3 may have received pass {e.args[0]} but did not confirm it; "
-                      "it is not sent again, as a second one would be charged twice", self._clock())
-        except (V3Unreachable, V3Timeout, V3BadReply) as e:
-            self._back_off(task, redact(f"V3: {e}", key))
-        except V3StatusError as e:
-            if e.status == 429 or e.status >= 500:  # rate limited or down: it will pass
-                self._back_off(task, redact(f"V3 answered HTTP {e.status} {e.reason}", key))
-            else:
-                said = redact(": ".join(p for p in (e.reason, e.message) if p) or f"HTTP {e.status}", key)
-                self._end(task, TaskState.FAILED, f"V3 refused a job: {said}", self._clock())
-        except _FINAL_FAILURES as e:
-            log.warning("composition failed", task_id=task.task_id, error=str(e))
-            self._end(task, TaskState.FAILED, f"composition failed: {e}", self._clock())
+        except (_Unconfirmed, V3Error, *_FINAL_FAILURES) as e:
+            self._step_failed(task, e, key)
         task.advance_progress(task.work_done)
         return None
+
+    def _step_failed(self, task: ComposedTask, e: Exception, key: str) -> None:
+        """What a failure of a step (or of a later branch's submission) does to the task."""
+        now = self._clock()
+        if isinstance(e, _Unconfirmed):
+            self._end(task, TaskState.FAILED, f"V3 may have received pass {e.args[0]} but did not confirm it; "
+                      "it is not sent again, as a second one would be charged twice", now)
+        elif isinstance(e, V3Error) and e.transient:  # rate limited, down, too slow: it may pass
+            self._back_off(task, redact(str(e), key))
+        elif isinstance(e, V3Error):
+            said = redact(_refusal(e), key)
+            self._end(task, TaskState.FAILED, f"V3 refused a job: {said}", now)
+        else:
+            log.warning("composition failed", task_id=task.task_id, error=str(e))
+            self._end(task, TaskState.FAILED, f"composition failed: {e}", now)
 
     async def _follow_jobs(self, task: ComposedTask, key: str) -> list[float] | None:
         """Read each branch's current V3 job; after one that succeeded, submit the next of its
@@ -319,18 +383,30 @@ class TaskEngine:
         for b, branch in enumerate(task.plan.branches):
             if task.jobs_done[b] == len(task.jobs[b]) < len(branch.v3_jobs):  # chain the next job
                 job = branch.v3_jobs[len(task.jobs[b])]
-                image = await self._fetcher.fetch(task.outputs[b])
+                image_b64 = await self._job_input(task, b)
                 try:
                     job_id, _ = await self._v3.submit(
-                        self._body(job, pybase64.b64encode(image), task.task_id, task.fingerprint), key)
-                except (V3Timeout, V3Unreachable, V3BadReply) as e:
-                    if isinstance(e, V3Unreachable) and not e.sent:
-                        raise  # it never reached V3: safe to submit again after a back-off
-                    raise _Unconfirmed(len(task.jobs[b]) + 1) from e
+                        self._body(job, image_b64, task.task_id, task.fingerprint), key)
+                except V3Error as e:
+                    if _unconfirmed(e):
+                        raise _Unconfirmed(len(task.jobs[b]) + 1) from e
+                    raise  # it never reached V3, or V3 said no: safe to submit again after a back-off
                 task.jobs[b].append(job_id)
                 etas.append(0.0)
         done = all(task.jobs_done[b] == len(branch.v3_jobs) for b, branch in enumerate(task.plan.branches))
         return None if done else etas
+
+    async def _job_input(self, task: ComposedTask, b: int) -> bytes:
+        """The base64 image of branch `b`'s next job: the last pass's result, or for a first job
+        (one V3 turned away at the submission) the task's input, as V3 got it then."""
+        if task.jobs[b]:
+            return pybase64.b64encode(await self._fetcher.fetch(task.outputs[b]))
+        source = await self._results.get(f"{task.task_id}.input")
+        if source is None:
+            raise FetchError("the task's input is gone")
+        if task.plan.v3_input == "pixels":
+            source = await self._local(v3_input_png, source, task.plan.read)
+        return pybase64.b64encode(source)
 
     async def _job_result(self, job_id: str, key: str, ask: bool) -> TaskResult | None:
         """A job's result: the one V3 sent to the webhook (to this process, else to any replica:
@@ -396,13 +472,37 @@ class TaskEngine:
         return min(max(wait, s.min_wait), s.max_wait)
 
     def _back_off(self, task: ComposedTask, why: str) -> None:
+        """V3 can't be reached (or rate-limits): look again after a back-off, doubling, jittered, and
+        no longer than the breaker's cool-down while it is open (V3 is probed again by then). Past
+        the outage grace, counted from the first failure in a row, the task fails saying so."""
+        s, now = self._settings, self._clock()
+        if task.unreachable_since is None:
+            task.unreachable_since = now
+        since = task.unreachable_since
+        if now - since >= s.outage_grace:
+            return self._end(task, TaskState.FAILED, f"V3 could not be reached for {now - since:.0f} s: {why}", now)
         task.retries += 1
-        wait = min(self._settings.max_wait * 6, self._settings.min_wait * 2 ** task.retries)
-        task.due_at = self._clock() + random.uniform(wait / 2, wait)
+        wait = min(s.max_wait * 6, s.min_wait * 2 ** task.retries)
+        if self._v3.breaker.state != BreakerState.CLOSED:
+            wait = min(wait, s.breaker_cooldown)
+        task.due_at = min(now + random.uniform(wait / 2, wait), since + s.outage_grace)
         log.info("task waits for V3", task_id=task.task_id, why=why, retries=task.retries)
+        return None
 
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _unconfirmed(e: V3Error) -> bool:
+    """A submission that failed this way may have reached V3, and been charged."""
+    return isinstance(e, (V3Timeout, V3BadReply)) or (isinstance(e, V3Unreachable) and e.sent)
+
+
+def _refusal(e: V3Error) -> str:
+    """What V3 said when it refused a call."""
+    if isinstance(e, V3StatusError):
+        return ": ".join(p for p in (e.reason, e.message) if p) or f"HTTP {e.status}"
+    return str(e)
 
 
 def _delivered_key(job_id: str) -> str:

@@ -53,6 +53,9 @@ class ComposedTask(BaseModel):
     eta: float = 0.0  # seconds left, as estimated at `eta_at`
     eta_at: float = 0.0
     retries: int = 0  # back-offs in a row (V3 rate limits, outages)
+    # when V3 was first out of reach in a row of failures (None: it answered last time); stored,
+    # so that a process taking the task over counts the same outage (records before it: None)
+    unreachable_since: float | None = None
     executed_ms: int = 0
     finished_ms: int = 0
     expires_at: float = 0.0  # when the composed image stops being downloadable
