@@ -11,11 +11,12 @@
   at once, instead of a queue (of bodies, in memory) behind the upstream connection pool.
 
 A refusal is code 5, "the proxy is overloaded ..., retry": a fast answer an SDK retries beats a
-queue that grows until the process is killed. Every body the proxy reads goes through the first
-two: submissions with the cap too (`admit`: `POST /v2/upscale`, the `shed_load` unit of the V2
-edge, and /v3 pass-through calls with a body), `POST /_proxy/translate` without (`read_body`: it
-calls no one). The refusals are V2 errors; the pass-through answers them in V3's words. Polls have
-no body and keep answering under load.
+queue that grows until the process is killed. Every request body goes through the first two, and
+every submission through the cap too: V2 submissions (`admit`, the `shed_load` unit of the V2 edge:
+the body read whole), /v3 pass-through calls with a body (`stream`: the body passed on as it
+arrives), and `POST /_proxy/translate`, which calls no one, so no cap (`read_body`). The refusals
+are V2 errors; the pass-through answers them in V3's words. Polls have no body and keep answering
+under load.
 
 While a load lasts, glibc keeps the memory freed bodies were in (`keep_freed_memory`: no fresh
 page faults for the next body); once it has passed, that memory goes back to the OS
@@ -32,8 +33,9 @@ import ctypes
 import ctypes.util
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
@@ -41,6 +43,7 @@ from aiohttp import web
 from proxy.errors import V2Code, V2Error
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 log = structlog.get_logger("proxy")
 
 
@@ -95,6 +98,21 @@ class Limits:
         answer is made. Refused with Overloaded, BodyTimeout or HTTP 413, as `admit`."""
         return (await self._read(request)).release
 
+    def stream(self, request: web.Request) -> BodyStream:
+        """Admit a submission whose body is passed on as it arrives, not read here (the /v3
+        pass-through): the same budget, deadline and cap as `admit`, applied while it streams
+        (`BodyStream`). Refused at once with Overloaded, or HTTP 413 for a Content-Length larger
+        than the whole budget; the V2 body limit (client_max_size) is for bodies held whole."""
+        self._check_calls()
+        declared = request.content_length
+        if declared is not None and declared > self.max_bytes:
+            raise web.HTTPRequestEntityTooLarge(self.max_bytes, declared)
+        counted = _Counted(self)
+        if declared is not None:
+            counted.take(declared)
+        self.upstream_calls += 1
+        return BodyStream(self, request, counted)
+
     async def _read(self, request: web.Request) -> _Counted:
         declared = request.content_length
         if declared is not None and declared > min(request.client_max_size, self.max_bytes):
@@ -106,9 +124,9 @@ class Limits:
                 if request.content.is_eof():  # all here already: nothing to wait for
                     await request.read()
                 else:
-                    await self._in_time(request.read())
+                    await self._in_time(request.read(), self._deadline())
             else:
-                await self._in_time(self._read_chunked(request, counted))
+                await self._in_time(self._read_chunked(request, counted), self._deadline())
         except BaseException:
             counted.release()
             raise
@@ -118,10 +136,14 @@ class Limits:
         self.upstream_calls -= 1
         counted.release()
 
-    async def _in_time(self, reading: Awaitable[object]) -> None:
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.body_timeout
+
+    async def _in_time(self, reading: Awaitable[T], deadline: float) -> T:
+        """What `reading` gives, if it comes before `deadline` (the loop's clock)."""
         try:
-            async with asyncio.timeout(self.body_timeout):
-                await reading
+            async with asyncio.timeout_at(deadline):
+                return await reading
         except TimeoutError:
             raise BodyTimeout(self.body_timeout) from None
 
@@ -146,6 +168,34 @@ class Limits:
             raise Overloaded("bytes", f"{self.bytes_in_flight // MiB} MiB of request bodies in flight")
         self.bytes_in_flight += n
         self.bytes_since_trim += n
+
+
+class BodyStream:
+    """A submission's body as it arrives, for a caller that passes it on (`Limits.stream`): each
+    chunk read under the deadline for the whole body, a chunked body's bytes counted as they come.
+    A limit it breaks midway raises from `chunks()`, and is kept as `cut`: whoever consumed the
+    chunks (aiohttp's client) may wrap it in an error of its own. `let_go()` once the answer is
+    made, whatever happened."""
+
+    def __init__(self, limits: Limits, request: web.Request, counted: _Counted) -> None:
+        self._limits, self._request, self._counted = limits, request, counted
+        self._deadline = limits._deadline()
+        self.cut: Overloaded | BodyTimeout | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        limits, content = self._limits, self._request.content
+        counting = self._request.content_length is None  # else taken whole when admitted
+        try:
+            while chunk := await limits._in_time(content.readany(), self._deadline):
+                if counting:
+                    self._counted.take(len(chunk))
+                yield chunk
+        except (Overloaded, BodyTimeout) as e:
+            self.cut = e
+            raise
+
+    def let_go(self) -> None:
+        self._limits._let_go(self._counted)
 
 
 class _Counted:

@@ -244,7 +244,7 @@ async def test__stalled_body_on_v3_pass_through_and_translate__gets_the_deadline
     reply = await read_reply(tr_reader)
     assert reply["code"] == 9 and "did not arrive within 0.5 s" in reply["msg"], reply
     assert (limits.bytes_in_flight, limits.upstream_calls) == (0, 0)  # what they sent is let go
-    assert len(emu.tasks) == 0  # nothing of the stalled submission went upstream
+    assert len(emu.tasks) == 0  # the upstream call of the cut body was dropped: no task
     await close(v3_writer)
     await close(tr_writer)
     await served_after(proxy, emu)
@@ -275,6 +275,27 @@ async def test__past_the_byte_budget__v3_pass_through_and_translate_are_refused_
     await until(lambda: limits.bytes_in_flight == 0, "the stalled submission to let go of its bytes")
     await served_after(proxy, emu)  # the budget is given back
     assert (limits.bytes_in_flight, limits.upstream_calls) == (0, 0)
+
+
+async def test__v3_pass_through__cuts_a_chunked_body_where_it_crosses_the_budget_and_refuses_a_larger_one(
+        emulator, start_proxy):
+    server, emu = emulator
+    proxy = await start_proxy(str(server.make_url("")), max_inflight_mb=1)
+    limits = proxy.server.app[LIMITS]
+    reader, writer = await send_raw(proxy, head(chunked=True, path=V3_SUBMIT))
+    for _ in range(20):  # 20 chunks of 64 KiB: past 1 MiB at the 17th, while V3 has the first ones
+        writer.write(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+    await writer.drain()
+    status, _, body = await read_response(reader)
+    assert status == 503 and body["reason"] == "PROXY_OVERLOADED" and "in flight" in body["message"], body
+    await close(writer)
+
+    reader, writer = await send_raw(proxy, head(2 * 1024 * 1024, path=V3_SUBMIT))  # more than the whole budget
+    status, _, body = await read_response(reader)
+    assert status == 413 and body["reason"] == "REQUEST_BODY_TOO_LARGE", body
+    await close(writer)
+    assert (limits.bytes_in_flight, limits.upstream_calls, len(emu.tasks)) == (0, 0, 0)
+    await served_after(proxy, emu)
 
 
 async def test__v3_pass_through_submissions__take_a_place_under_the_call_cap_and_its_polls_do_not(

@@ -1,11 +1,13 @@
 """V3 pass-through: `/v3/*` forwarded to the upstream unchanged, streamed both ways, so clients can
 move one call at a time to V3 without changing their base URL.
 
-Two exceptions. A request's body is read whole first, admitted as a V2 submission's is (the body
-deadline, the byte budget, the cap on calls waiting on V3: proxy/limits.py), so a slow or huge body
-is refused here, in V3's words, and never holds an upstream connection while it trickles in. And an error reply
-(4xx, 5xx) is small, and V3's words may echo the key they were sent, so it is read whole (up to
-MAX_ERROR_BODY) and sent on with the key scrubbed (`redact`).
+A request body is under the limits a V2 submission's is (the body deadline, the byte budget, the
+cap on calls waiting on V3: proxy/limits.py), applied as it streams; a refusal is answered in V3's
+words (`_refusal`), and a body cut midway drops the upstream call.
+
+One exception to the streaming: an error reply (4xx, 5xx) is small, and V3's words may echo the key
+they were sent, so it is read whole (up to MAX_ERROR_BODY) and sent on with the key scrubbed
+(`redact`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.keys import METRICS, SESSION, UPSTREAM_URL
-from proxy.limits import LIMITS, BodyTimeout, Overloaded
+from proxy.limits import LIMITS, BodyStream, BodyTimeout, Overloaded
 from proxy.redact import redact
 
 # RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
@@ -99,28 +101,28 @@ def _decoded(body: bytes, encoding: str) -> bytes | None:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
-    # A call with a body is a submission, admitted as a V2 one is (proxy/limits.py): its body read
-    # under the deadline and counted against the byte budget until the answer is made, and a place
-    # under the cap on calls waiting on V3 (max_upstream_calls). The cap applies too because these
-    # calls wait on the same upstream connection pool, and the cap is what keeps part of that pool
-    # free for polls (V2's and the pass-through's own). Calls without a body (polls, downloads)
-    # are never refused, like V2 polls.
-    let_go = None
+    body: BodyStream | None = None
     if request.body_exists:
+        # A call with a body is a submission, under the limits a V2 one is under (proxy/limits.py),
+        # its body still streamed: the byte budget until the answer is made, the deadline for the
+        # whole body, and a place under the cap on calls waiting on V3 (max_upstream_calls). The
+        # cap applies too because these calls wait on the same upstream connection pool, and the
+        # cap is what keeps part of that pool free for polls (V2's and the pass-through's own).
+        # Calls without a body (polls, downloads) are never refused, as V2 polls are not.
         try:
-            let_go = await app[LIMITS].admit(request)
-        except (Overloaded, BodyTimeout, web.HTTPRequestEntityTooLarge) as e:
+            body = app[LIMITS].stream(request)
+        except (Overloaded, web.HTTPRequestEntityTooLarge) as e:
             response = _refusal(e)
             metrics.v3_passthrough.labels(request.method, response.status).inc()
             return response
     try:
-        return await _forward(request, await request.read() if let_go else None)
+        return await _forward(request, body)
     finally:
-        if let_go:
-            let_go()
+        if body is not None:
+            body.let_go()
 
 
-async def _forward(request: web.Request, body: bytes | None) -> web.StreamResponse:
+async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     url = URL(app[UPSTREAM_URL] + request.rel_url.raw_path_qs, encoded=True)  # bytes as the client sent them
@@ -130,7 +132,7 @@ async def _forward(request: web.Request, body: bytes | None) -> web.StreamRespon
     metrics.calls_in_flight += 1
     try:
         async with app[SESSION].request(
-            request.method, url, headers=_end_to_end(request.headers), data=body,
+            request.method, url, headers=_end_to_end(request.headers), data=body.chunks() if body else None,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             auto_decompress=False, allow_redirects=False,
         ) as upstream:
@@ -145,15 +147,19 @@ async def _forward(request: web.Request, body: bytes | None) -> web.StreamRespon
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     await response.write(chunk)
                 await response.write_eof()
-    except (TimeoutError, aiohttp.ClientError) as e:
+    except (TimeoutError, aiohttp.ClientError, Overloaded, BodyTimeout) as e:
         if response is not None and response.prepared:
             raise  # mid-stream: nothing sane left to send; the connection is closed
-        # aiohttp's words name the upstream's address: for the log, not for the client
-        log.warning("v3 pass-through failed", method=request.method, path=request.path, detail=redact(repr(e), key))
-        if isinstance(e, TimeoutError):
-            response = _error(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time")
+        if body is not None and body.cut is not None:  # a limit stopped the body (aiohttp wraps it)
+            response = _refusal(body.cut)
         else:
-            response = _error(502, "UPSTREAM_UNAVAILABLE", "the upstream could not be reached")
+            # aiohttp's words name the upstream's address: for the log, not for the client
+            log.warning("v3 pass-through failed", method=request.method, path=request.path,
+                        detail=redact(repr(e), key))
+            if isinstance(e, TimeoutError):
+                response = _error(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time")
+            else:
+                response = _error(502, "UPSTREAM_UNAVAILABLE", "the upstream could not be reached")
     finally:
         metrics.calls_in_flight -= 1
         metrics.observe_upstream("passthrough", time.perf_counter() - started)
