@@ -1,7 +1,8 @@
 """A fake V3 on loopback, for the faults the emulator can't make. While healthy it relays every call
 to a real upstream (the emulator); on demand it goes down (its port closed) and comes back on the
 same port, resets each connection it accepts (counting them), breaks a reply half-way, answers a
-200 that is not JSON, or points the image URLs of tasks submitted from then on somewhere else."""
+200 that is not JSON, a gateway's bare 502 or V3's own 429, or points the image URLs of tasks
+submitted from then on somewhere else."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ class Fault(Enum):
     RESET = "reset"  # accept the connection (counted), then reset it before reading anything
     RESET_MID_REPLY = "reset mid-reply"  # read the call, send half a 200, reset the connection
     MALFORMED_JSON = "malformed json"  # a 200, application/json, that does not parse
+    BAD_GATEWAY = "bad gateway"  # a 502 with an HTML body, as a gateway in front of V3 sends it
+    RATE_LIMITED = "rate limited"  # V3's 429 with its error body, RATE_LIMIT_EXCEEDED
+
+
+# V3's error body for its rate limit (spec section 6)
+RATE_LIMIT_BODY = {"code": 429, "reason": "RATE_LIMIT_EXCEEDED",
+                   "message": "rate limit exceeded, please try again later", "metadata": {}}
 
 
 class _Reset(asyncio.Protocol):
@@ -40,7 +48,8 @@ def _reset(transport: asyncio.BaseTransport) -> None:
 
 
 class FakeUpstream:
-    """`accepts` counts TCP connections accepted, `calls` the HTTP calls read, by V3 endpoint."""
+    """`accepts` counts TCP connections accepted, `calls` the HTTP calls read and `faulted` those
+    answered by a fault rather than relayed, by V3 endpoint."""
 
     def __init__(self, target: str) -> None:
         self.target = target.rstrip("/")
@@ -48,6 +57,7 @@ class FakeUpstream:
         self.fault_on: frozenset[str] | None = None  # the endpoints a fault hits (None: all)
         self.accepts = 0
         self.calls: Counter[str] = Counter()
+        self.faulted: Counter[str] = Counter()
         self.port = 0
         self._images: tuple[str, frozenset[str]] | None = None  # (where to, task ids left alone)
         self._tasks: set[str] = set()  # V3 task ids of the submissions relayed
@@ -110,12 +120,19 @@ class FakeUpstream:
         body = await request.read()
         if self.fault_on is not None and endpoint not in self.fault_on:
             return await self._relay(request, endpoint, body)
+        if self.fault is not Fault.NONE:
+            self.faulted[endpoint] += 1
         if self.fault is Fault.RESET:  # a connection accepted before the fault: it goes too
             assert request.transport is not None
             _reset(request.transport)
             return web.Response()
         if self.fault is Fault.MALFORMED_JSON:
             return web.Response(body=b'{"task_id": "3f0c', content_type="application/json")
+        if self.fault is Fault.BAD_GATEWAY:
+            return web.Response(status=502, content_type="text/html",
+                                text="<html><head><title>502 Bad Gateway</title></head></html>")
+        if self.fault is Fault.RATE_LIMITED:
+            return web.json_response(RATE_LIMIT_BODY, status=429)
         if self.fault is Fault.RESET_MID_REPLY:
             resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "400"})
             await resp.prepare(request)
