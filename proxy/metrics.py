@@ -76,16 +76,16 @@ class Metrics:
                                       ["method", "status"], registry=r)
         self.poll_cache = Counter("upscale_proxy_poll_cache", "direct-path polls by how they were answered",
                                   ["outcome"], registry=r)
-        # the V3 client's circuit breaker (proxy/v3/breaker.py), read at each scrape
-        self.v3_breaker = _ReadAtScrape(
-            "upscale_proxy_v3_breaker_state",
-            "V3 circuit breaker: 0 closed, 1 half-open (a probe may go), 2 open (calls fail fast)",
-            registry=r, multiprocess_mode="livemax")
         # polls answered without reaching V3 or the store, rare by nature (proxy/v2/last_known.py)
         self.poll_ride_through = Counter(
             "upscale_proxy_poll_ride_through",
             "polls that could not reach V3 or the task store, by answer: last_known, unseen, past_grace",
             ["answer"], registry=r)
+        # the V3 client's circuit breaker (proxy/v3/breaker.py), read at each scrape
+        self.v3_breaker = _ReadAtScrape(
+            "upscale_proxy_v3_breaker_state",
+            "V3 circuit breaker: 0 closed, 1 half-open (a probe may go), 2 open (calls fail fast)",
+            registry=r, multiprocess_mode="livemax")
         # proxy/limits.py: submissions shed (code 5) past a limit: bytes | upstream_calls
         self.limits_refused = Counter("upscale_proxy_limits_refused",
                                       "V2 submissions refused at once by the process's limits, by limit",
