@@ -26,6 +26,7 @@ from proxy.keys import (
     DEPRECATION,
     DIRECT,
     EXECUTOR,
+    FINGERPRINT,
     LAST_KNOWN,
     MAPPINGS,
     METRICS,
@@ -39,6 +40,7 @@ from proxy.keys import (
     TASKS,
     TRANSLATOR,
     UPSTREAM_URL,
+    USAGE,
     V3,
     WEBHOOKS,
     Readiness,
@@ -52,6 +54,8 @@ from proxy.v2 import handlers as v2
 from proxy.v2.direct import DirectTasks
 from proxy.v2.last_known import LastKnown
 from proxy.v2.poll_cache import PollCache
+from proxy.usage.service import USAGE_FLUSH_EVERY, Usage
+from proxy.usage.stores import RedisUsageStore, SqliteUsageStore
 from proxy.v2.translation import Translator
 from proxy.v3.breaker import CircuitBreaker
 from proxy.v3.client import V3Client
@@ -186,8 +190,10 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         app[TASK_STORE] = SqliteTaskStore(s.data_dir / "tasks.sqlite3")
         app[RESULTS] = FileResultStore(s.data_dir / "results")
+        app[USAGE] = Usage(SqliteUsageStore(s.data_dir / "usage.sqlite3"), s)
         yield
         await app[TASK_STORE].close()
+        await app[USAGE].store.close()
         return
     from proxy.stores import redis  # only when configured
 
@@ -195,6 +201,7 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
         app[TASK_STORE] = redis.RedisTaskStore(client, s.redis_prefix)
         app[RESULTS] = redis.RedisResultStore(client, s.redis_prefix)
         app[SHARED_RESULTS] = redis.RedisSharedResults(client, s.redis_prefix)
+        app[USAGE] = Usage(RedisUsageStore(client, s.redis_prefix), s)
         try:
             await client.ping()
         except redis.exceptions.AuthenticationError:
@@ -202,6 +209,15 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             log.warning("Redis is unreachable for now: composed tasks get code 5 until it is back", error=str(e))
         yield
+
+
+async def _flush_usage(app: web.Application) -> None:
+    await app[USAGE].flush()  # the hot path counts in memory (proxy/usage/tally.py)
+
+
+async def _prune_usage(app: web.Application) -> None:
+    if removed := await app[USAGE].prune():
+        log.info("pruned usage hours past their retention", count=removed)
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
@@ -265,6 +281,8 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator))
     app.cleanup_ctx.append(stores)  # before the upstream client: the poll cache gets Redis's shared tier
+    app.cleanup_ctx.append(periodic("usage flush", USAGE_FLUSH_EVERY, _flush_usage, last_run=True))
+    app.cleanup_ctx.append(periodic("usage prune", 3600, _prune_usage))
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(executor)
     app.cleanup_ctx.append(task_engine)
@@ -280,8 +298,9 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
 
 
 async def _ready(app: web.Application) -> None:
-    app[edge.EDGE] = edge.EdgeParts(Fingerprinter(app[SECRET]), app[METRICS], app[DEPRECATION],
-                                    app[BROWNOUTS], app[LIMITS], app[MAPPINGS].errors)
+    app[FINGERPRINT] = Fingerprinter(app[SECRET])
+    app[edge.EDGE] = edge.EdgeParts(app[FINGERPRINT], app[METRICS], app[DEPRECATION],
+                                    app[BROWNOUTS], app[LIMITS], app[MAPPINGS].errors, app[USAGE].tallies)
     app[READINESS].state = "ready"
 
 

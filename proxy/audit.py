@@ -1,7 +1,9 @@
 """The usage report: who still calls V2, with what, and what each client team must change.
 
 Reads the proxy's JSON log lines (the `v2.deprecated_call` events) and groups them by key
-fingerprint. `upscale-v2-proxy audit [FILE|-] [--json]`.
+fingerprint: `upscale-v2-proxy audit [FILE|-] [--json]`. Or reads the usage store, which every
+process and replica adds to (proxy/usage): `upscale-v2-proxy audit --store [--days N]`, the same
+report from the store's hourly counts.
 """
 
 from __future__ import annotations
@@ -59,23 +61,45 @@ def report(events: Iterable[dict]) -> list[dict]:
         clients.setdefault(fp, Client(fp)).add(event)
     rows = []
     for c in sorted(clients.values(), key=lambda c: -c.calls):
-        uses = {name: {"calls": n, "v3": BY_NAME[name].v3, "verdict": BY_NAME[name].verdict}
-                for name, n in c.features.most_common() if name in BY_NAME and BY_NAME[name].verdict != "same"}
-        lacking = [name for name, u in uses.items() if u["verdict"] == "lacking"]
-        changes = [name for name, u in uses.items() if u["verdict"] == "change"]
-        if lacking:
-            verdict = "depends on features V3 lacks: " + ", ".join(lacking)
-        elif changes:
-            verdict = "needs these changes: " + ", ".join(changes)
-        else:
-            verdict = "can switch to V3 as is"
+        uses = _uses(c.features)
         rows.append({
             "fingerprint": c.fingerprint, "calls": c.calls, "first_seen": c.first_seen,
             "last_seen": c.last_seen, "user_agents": dict(c.user_agents.most_common()),
             "endpoints": dict(c.endpoints.most_common()), "fields": dict(c.fields.most_common()),
-            "features": uses, "v2_codes": {str(k): v for k, v in c.codes.most_common()}, "verdict": verdict,
+            "features": uses, "v2_codes": {str(k): v for k, v in c.codes.most_common()}, "verdict": _verdict(uses),
         })
     return rows
+
+
+def from_usage(clients: list[dict]) -> list[dict]:
+    """The usage store's client rows (proxy/usage/view.py `clients`) as this report's rows, the
+    clients that called V2 in the period only, busiest first."""
+    rows = []
+    for c in sorted((c for c in clients if c["v2_calls"]), key=lambda c: -c["v2_calls"]):
+        uses = _uses(Counter({name: sum(decisions.values()) for name, decisions in c["features"].items()}))
+        rows.append({
+            "fingerprint": c["client"] + (f" ({c['label']})" if c["label"] else ""), "calls": c["v2_calls"],
+            "first_seen": c["first_seen"], "last_seen": c["last_v2"], "user_agents": c["user_agents"],
+            "endpoints": c["endpoints"], "fields": c["fields"], "features": uses, "v2_codes": c["v2_codes"],
+            "verdict": _verdict(uses),
+        })
+    return rows
+
+
+def _uses(features: Counter[str]) -> dict[str, dict]:
+    """The features V3 lacks or changes among those used, with what V3 offers instead."""
+    return {name: {"calls": n, "v3": BY_NAME[name].v3, "verdict": BY_NAME[name].verdict}
+            for name, n in features.most_common() if name in BY_NAME and BY_NAME[name].verdict != "same"}
+
+
+def _verdict(uses: dict[str, dict]) -> str:
+    lacking = [name for name, u in uses.items() if u["verdict"] == "lacking"]
+    changes = [name for name, u in uses.items() if u["verdict"] == "change"]
+    if lacking:
+        return "depends on features V3 lacks: " + ", ".join(lacking)
+    if changes:
+        return "needs these changes: " + ", ".join(changes)
+    return "can switch to V3 as is"
 
 
 def render(rows: list[dict]) -> str:

@@ -7,6 +7,7 @@ UPSCALE_PROXY_EMULATOR_*); an option given on the command line wins.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import difflib
 import os
 import re
@@ -58,9 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("translate", help="show what a V2 upscale body becomes in V3 (no upstream call)")
     tr.add_argument("file", help="a V2 upscale body (JSON), or - for standard input")
-    audit = sub.add_parser("audit", help="per-client report of V2 usage, from the proxy's JSON log")
+    audit = sub.add_parser("audit", help="per-client report of V2 usage, from the proxy's JSON log or its usage store")
     audit.add_argument("file", nargs="?", default="-", help="a log file, or - for standard input (default)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument("--store", action="store_true", help="read the usage store the proxy writes (SQLite in "
+                       "UPSCALE_PROXY_DATA_DIR, or Redis at UPSCALE_PROXY_REDIS_URL) instead of a log")
+    audit.add_argument("--days", type=int, default=30, help="with --store: the period, in days (default 30)")
     gd = sub.add_parser("guide", help="print the V2 -> V3 migration guide (Markdown)")
     gd.add_argument("--features", action="store_true",
                     help="print only the table of V2 features V3 lacks, as the README shows it")
@@ -93,8 +97,11 @@ def _offline(command: str, args: dict) -> None:
     if command == "guide":
         sys.stdout.write(guide.feature_table() if args["features"] else guide.guide(tables))
     elif command == "audit":
-        with _open(args["file"]) as source:
-            rows = audit.report(audit.read_events(source))
+        if args["store"]:
+            rows = audit.from_usage(asyncio.run(_stored_usage(args["days"])))
+        else:
+            with _open(args["file"]) as source:
+                rows = audit.report(audit.read_events(source))
         if args["json"]:
             _print_json(rows)
         else:
@@ -102,6 +109,20 @@ def _offline(command: str, args: dict) -> None:
     else:
         with _open(args["file"]) as source:
             _translate(source.read(), tables)
+
+
+async def _stored_usage(days: int) -> list[dict]:
+    """The usage store's clients over the last `days`, as the settings in the environment find it."""
+    from proxy.usage import view
+    from proxy.usage.stores import open_store
+
+    settings = _settings(Settings, {})
+    try:
+        filters = view.Filters.from_query({"days": str(days)})
+    except view.BadFilter as e:
+        raise SystemExit(f"upscale-v2-proxy: --{e}") from None
+    async with open_store(settings) as (store, ctx):
+        return (await view.clients(store, ctx, filters))["clients"]
 
 
 def _translate(body: bytes, tables) -> None:

@@ -51,3 +51,4 @@ def host_name(value: str) -> str:
 
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
 JsonList = Annotated[list[T], NoDecode, BeforeValidator(from_json)]  # JsonList[Model]
+JsonDict = Annotated[dict[str, str], NoDecode, BeforeValidator(from_json)]  # a JSON object of strings

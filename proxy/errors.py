@@ -44,16 +44,18 @@ class V2Error(Exception):
     """An error the client is told about: raised anywhere, turned into a V2 body at the V2 edge.
 
     `upstream_status` is the V3 HTTP status when the error came from upstream (for the log line);
-    `http_status` is 200 but where V2 itself used another (an expired image is a 404).
+    `http_status` is 200 but where V2 itself used another (an expired image is a 404); `feature`,
+    the feature unit a strict policy refused (for the audit and the usage store).
     """
 
     def __init__(self, code: V2Code, msg: str, *, upstream_status: int | None = None,
-                 http_status: int = 200) -> None:
+                 http_status: int = 200, feature: str | None = None) -> None:
         super().__init__(msg)
         self.code = code
         self.msg = msg
         self.upstream_status = upstream_status
         self.http_status = http_status
+        self.feature = feature
 
 
 class StoreUnavailable(V2Error):

@@ -7,10 +7,12 @@ from aiohttp import ClientSession, web
 
 from proxy.compose.engine import TaskEngine
 from proxy.deprecation import Brownouts, Deprecation
+from proxy.fingerprint import Fingerprinter
 from proxy.mappings import Mappings
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.stores import ResultStore, TaskStore
+from proxy.usage.service import Usage
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.direct import DirectTasks
 from proxy.v2.last_known import LastKnown
@@ -41,6 +43,7 @@ UPSTREAM_URL = web.AppKey("upstream_url", str)
 SESSION = web.AppKey("session", ClientSession)
 V3 = web.AppKey("v3", V3Client)
 SECRET = web.AppKey("fingerprint_secret", bytes)
+FINGERPRINT = web.AppKey("fingerprinter", Fingerprinter)  # key -> fingerprint, with SECRET, once ready
 TASK_STORE = web.AppKey("task_store", TaskStore)
 RESULTS = web.AppKey("results", ResultStore)
 EXECUTOR = web.AppKey("executor", Executor)
@@ -51,6 +54,7 @@ WEBHOOKS = web.AppKey("webhooks", WebhookTokens)
 DEPRECATION = web.AppKey("deprecation", Deprecation)
 BROWNOUTS = web.AppKey("brownouts", Brownouts)
 METRICS = web.AppKey("metrics", Metrics)
+USAGE = web.AppKey("usage", Usage)  # the usage store, its tallies and its views (proxy/usage)
 READINESS = web.AppKey("readiness", Readiness)
 # with Redis only: results every replica reads (proxy.stores.redis.RedisSharedResults, typed loosely
 # here so that redis is imported only when configured), for the poll cache and the task engine

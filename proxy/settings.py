@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from proxy.envtypes import CommaList, JsonList, host_name
+from proxy.envtypes import CommaList, JsonDict, JsonList, host_name
 from proxy.translate.features import REGISTRY, Policy
 from proxy.translate.profiles import DEFAULT_PROFILE, PROFILES, ProfileName
 
@@ -225,6 +225,23 @@ class Settings(_PolicySettings):
     brownouts: JsonList[Brownout] = Field(default_factory=list, description="JSON list of brownout windows")
     metrics_max_clients: int = Field(
         100, ge=0, le=10000, description="key fingerprints with their own metrics series; the rest are 'other'"
+    )
+
+    # the operator's side: the usage store and its dashboard (proxy/usage)
+    usage_retention_days: int = Field(
+        400, ge=1, le=3660, description="days of hourly usage counts kept; older hours are pruned"
+    )
+    migrated_after_days: int = Field(
+        30, ge=1, le=365, description="days without a V2 call after which a client that calls V3 counts as "
+        "migrated (and one that calls nothing as quiet)"
+    )
+    client_labels: JsonDict = Field(
+        default_factory=dict, description="JSON object: key fingerprint -> a readable name, shown wherever the "
+        "fingerprint is (the admin API's names take precedence)"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="token of the dashboard, /_proxy/usage and the admin API (Bearer, or the login form); "
+        "unset: one is made at start and the log line announcing the dashboard carries its URL"
     )
 
     # exactly which V2: the A1111 release line, and what to do with each feature V3 lacks

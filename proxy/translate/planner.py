@@ -35,7 +35,8 @@ def plan_upscale(opts: V2UpscaleOptions, image: ImageInfo, mappings: Mappings, p
         policy = policies.get(unit.name, unit.default)
         if policy == "strict":
             raise V2Error(unit.refusal_code,
-                          f"{unit.field(draft)}: {unit.what(draft)} is refused by this proxy's strict policy")
+                          f"{unit.field(draft)}: {unit.what(draft)} is refused by this proxy's strict policy",
+                          feature=unit.name)
         draft.decisions[unit.name] = getattr(unit, policy)(draft) or policy
     return draft.plan()
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # attributes that appear in the event only once something has set them
-_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "upstream_status", "poll_cache",
-             "ride_through", "msg")
+_WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "v3_jobs", "upstream_status",
+             "poll_cache", "ride_through", "msg")
 
 
 @dataclass(slots=True)
@@ -30,6 +30,8 @@ class AuditRecord:
     path_taken: str | None = None  # direct | composed; the edge: refused | brownout
     task_id: str | None = None
     v3_task_ids: list[str] | None = None  # a composed task's V3 jobs
+    v3_jobs: int | None = None  # the V3 jobs an accepted upscale costs, all its passes counted
+    shape: str | None = None  # the body's fields but the image, and the image's shape (usage store only)
     upstream_status: int | None = None  # V3's HTTP status; None when no call was made
     poll_cache: str | None = None  # a direct poll: miss | shared | hit (proxy/v2/poll_cache.py)
     # a poll that could not reach V3 or the store: last_known | unseen | past_grace (proxy/v2/last_known.py)

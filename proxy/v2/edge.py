@@ -1,7 +1,8 @@
 """The V2 edge: what every /v2 call goes through around its handler, in one visible order. Other
 paths (/v3 pass-through, /_proxy, health, metrics) go through none of it.
 
-    the audit record       made first; one `v2.deprecated_call` event per answered call, last
+    the audit record       made first; one `v2.deprecated_call` event per answered call, last,
+                           and the call counted for the usage store (proxy/usage/tally.py)
     calls in flight        metrics, around everything below
     deprecation headers    on every V2 response, error bodies included
     map errors             V2Error, V3Error, HTTP errors, anything else -> a V2 body
@@ -43,6 +44,7 @@ from proxy.metrics import Metrics
 from proxy.redact import redact
 from proxy.translate.errors import to_v2_error
 from proxy.translate.progress import failed_progress
+from proxy.usage.tally import Tallies
 from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import find_key
 from proxy.v2.reply import v2_reply
@@ -68,6 +70,7 @@ class EdgeParts:
     brownouts: Brownouts
     limits: Limits
     errors: ErrorTable
+    usage: Tallies
 
 
 EDGE = web.AppKey("edge", EdgeParts)
@@ -101,6 +104,8 @@ async def v2_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.calls_in_flight -= 1
     metrics.count_v2_call(endpoint or "unknown", audit.final_path, audit.v2_code, audit.fingerprint)
     logs.audit(audit.event(time.perf_counter()))
+    parts.usage.v2_call(audit.fingerprint, endpoint or "unknown", audit.v2_code, audit.user_agent,
+                        audit.features, audit.v3_jobs or 0, audit.shape)
     return response
 
 
@@ -157,6 +162,8 @@ def v2_error(request: web.Request, e: Exception, audit: AuditRecord, errors: Err
         log.exception("unexpected error", method=request.method, path=request.path)  # called in `except`
         err = V2Error(V2Code.INTERNAL_ERROR, "internal error")
     audit.v2_code, audit.msg = int(err.code), err.msg
+    if err.feature is not None:
+        audit.features = {err.feature: "refused"}
     if err.upstream_status is not None:
         audit.upstream_status = err.upstream_status
     # a poll's error still carries progress data: SDK wait loops read data.status whatever the code

@@ -77,7 +77,8 @@ async def upscale(request: web.Request) -> web.Response:
     doc, image_b64, head = split_image(await request.read())
     audit = request[AUDIT]
     translation = app[TRANSLATOR].translate(doc, image_b64, head)
-    plan, image_b64, audit.fields = translation.plan, translation.image_b64, translation.fields
+    plan, image_b64, audit.fields, audit.shape = translation.plan, translation.image_b64, translation.fields, \
+        translation.shape
     audit.features, audit.warnings = dict(plan.decisions), list(plan.warnings)
     if plan.direct:
         if plan.v3_input == "pixels":
@@ -85,9 +86,11 @@ async def upscale(request: web.Request) -> web.Response:
         audit.path_taken = "direct"
         task_id, audit.upstream_status = await app[DIRECT].submit(plan.direct, image_b64, key,
                                                                   request[CALLER].fingerprint)
+        audit.v3_jobs = 1
     else:
         audit.path_taken = "composed"
         task_id, audit.v3_task_ids = await app[TASKS].submit(plan, image_b64, key, request[CALLER].fingerprint)
+        audit.v3_jobs = sum(len(branch.v3_jobs) for branch in plan.branches)
     audit.task_id = task_id
     return v2_reply(data={"task_id": task_id, "warn": plan.warn})
 

@@ -33,6 +33,7 @@ class Translation:
     image_b64: memoryview | bytes  # the base64 to forward (repaired if V2 leniency needed it)
     plan: Plan
     fields: tuple[str, ...]  # the V2 fields the body sets, for the audit event (kept: never changed)
+    shape: str  # the body but its image, and the image's shape, as JSON: the usage store's "body shape"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Translator:
     faces_available: bool = False
     # Plans are pure functions of the body's fields, the image's shape and the settings here, and
     # legacy clients send the same fields again and again: each pair is planned once
-    _plans: OrderedDict[tuple, Plan] = field(
+    _plans: OrderedDict[tuple, tuple[Plan, str]] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -65,20 +66,36 @@ class Translator:
         options, sent = _options(doc_key)
         image, image_b64 = probe(image_b64, head)
         key = (doc_key, *(getattr(image, name) for name in _SHAPE))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = plan_upscale(options, image, self.mappings, self.policies, self.profile,
-                                                   self.faces_available)
+        kept = self._plans.get(key)
+        if kept is None:
+            kept = self._plans[key] = (plan_upscale(options, image, self.mappings, self.policies, self.profile,
+                                                    self.faces_available), shape_of(doc_key, image))
             if len(self._plans) > PLANS_KEPT:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
-        return Translation(image, image_b64, plan, sent)
+        return Translation(image, image_b64, kept[0], sent, kept[1])
+
+    def preview_shape(self, shape: str) -> dict:
+        """The translate preview of a body shape (`shape_of`), as of the settings now: what a client
+        that sent such bodies would send V3 instead. A V2Error if the shape is refused now."""
+        doc = orjson.loads(shape)
+        image = ImageInfo(**doc["image"], nbytes=0)
+        options, _ = _options(orjson.dumps(doc["fields"], option=orjson.OPT_SORT_KEYS))
+        plan = plan_upscale(options, image, self.mappings, self.policies, self.profile, self.faces_available)
+        return preview(plan, image)
 
     def preview(self, body: bytes) -> dict:
         """The translate preview of a whole body (POST /_proxy/translate, `translate`)."""
         translation = self.translate(*split_image(body))
         return preview(translation.plan, translation.image)
+
+
+def shape_of(doc_key: bytes, image: ImageInfo) -> str:
+    """A body's shape: its fields but the image (canonical JSON, as `doc_key` is), and what the
+    planner reads of the image (not its bytes): enough to plan it again, nothing of its pixels."""
+    return orjson.dumps({"fields": orjson.Fragment(doc_key),
+                         "image": {name: getattr(image, name) for name in _SHAPE}}).decode()
 
 
 @lru_cache(maxsize=PLANS_KEPT)

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.keys import METRICS, SESSION, UPSTREAM_URL
+from proxy.keys import FINGERPRINT, METRICS, SESSION, UPSTREAM_URL, USAGE
 from proxy.limits import LIMITS, BodyStream, BodyTimeout, Overloaded
 from proxy.redact import redact
 
@@ -112,14 +112,22 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         try:
             body = app[LIMITS].stream(request)
         except (Overloaded, web.HTTPRequestEntityTooLarge) as e:
-            response = _refusal(e)
-            metrics.v3_passthrough.labels(request.method, response.status).inc()
-            return response
+            return _counted(request, _refusal(e))
     try:
-        return await _forward(request, body)
+        return _counted(request, await _forward(request, body))
     finally:
         if body is not None:
             body.let_go()
+
+
+def _counted(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """A call answered: in the metrics, and in the usage store under its caller's fingerprint, so that
+    a client moving to V3 is told from one that went quiet."""
+    app = request.app
+    app[METRICS].v3_passthrough.labels(request.method, response.status).inc()
+    key = _caller_key(request)
+    app[USAGE].tallies.v3_call(app[FINGERPRINT](key) if key else None, request.method, response.status)
+    return response
 
 
 async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamResponse:
@@ -163,5 +171,4 @@ async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamR
     finally:
         metrics.calls_in_flight -= 1
         metrics.observe_upstream("passthrough", time.perf_counter() - started)
-    metrics.v3_passthrough.labels(request.method, response.status).inc()
     return response
