@@ -362,6 +362,14 @@ class Settings(_PolicySettings):
             raise ValueError("has bytes that are not UTF-8") from None
         return value
 
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """It travels in a header, a cookie and a URL: printable ASCII, and long enough not to guess."""
+        if value is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}", value.get_secret_value()):
+            raise ValueError("must be 16 to 512 printable ASCII characters, no spaces (unset it to have one made)")
+        return value
+
     @field_validator("upstream")
     @classmethod
     def _http_url(cls, value: str) -> str:

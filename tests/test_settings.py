@@ -140,6 +140,8 @@ BAD_BY_NAME = {
     "successor_url": ["not a url", "ftp://example.com", ""],
     "deprecation_link": ["", "has a space", "<x>", "\udcff"],
     "fingerprint_secret": ["", " ", "\udcff"],
+    "admin_token": ["", "too-short", "has spaces in it, sixteen+", "\udcff" * 20],
+    "client_labels": ["not json", "[1]", '{"a": 1}', ""],
     "redis_url": ["not a url", "http://127.0.0.1:6379", ""],
     "redis_prefix": ["", "x" * 201],
     "brownouts": ["not json", "", "{}", '[{"start": "2025-01-01T00:00:00Z", "end": "2024-01-01T00:00:00Z"}]',
