@@ -15,10 +15,12 @@ import structlog
 import yarl
 from aiohttp import web
 
-from proxy import __version__, logs, mappings, metrics, ops, webhooks
+from proxy import __version__, dashboard, logs, mappings, metrics, ops, webhooks
 from proxy.compose.engine import EngineSettings, TaskEngine
 from proxy.compose.faces import NO_FACES, A1111FaceRestorer
 from proxy.compose.fetch import AllowedOrigins, ImageFetcher
+from proxy.dashboard import api as usage_api
+from proxy.dashboard import pages
 from proxy.deprecation import Brownouts, Deprecation
 from proxy.fingerprint import Fingerprinter, load_secret
 from proxy.keys import (
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # the emulator itself is imported only under --emulate-v3
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 MiB = 1024 * 1024
+CLIENTS_GAUGE_EVERY = 60.0  # seconds between counts of the clients by readiness (a metric)
 log = structlog.get_logger("proxy")
 
 
@@ -81,6 +84,19 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
+    # the migration dashboard, its data and the labels API, behind the admin token (proxy/dashboard)
+    app.router.add_get("/_proxy/login", pages.login_form)
+    app.router.add_post("/_proxy/login", pages.login)
+    app.router.add_post("/_proxy/logout", pages.logout)
+    app.router.add_get("/_proxy/dashboard", pages.overview)
+    app.router.add_get("/_proxy/dashboard/clients", pages.clients)
+    app.router.add_get("/_proxy/dashboard/clients/{fingerprint}", pages.client)
+    app.router.add_post("/_proxy/dashboard/clients/{fingerprint}/label", pages.set_label)
+    app.router.add_get("/_proxy/dashboard/features", pages.features)
+    app.router.add_get("/_proxy/dashboard/static/{name}", pages.static)
+    app.router.add_get("/_proxy/usage", usage_api.usage)
+    app.router.add_get("/_proxy/usage/clients/{fingerprint}", usage_api.usage_client)
+    app.router.add_put("/_proxy/clients/{fingerprint}/label", usage_api.put_label)
     if WEBHOOKS in app:
         app.router.add_post(webhooks.ROUTE, webhooks.handler(app[WEBHOOKS], partial(_webhook_result, app)))
 
@@ -270,6 +286,10 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app[READINESS] = Readiness()
     app[LAST_KNOWN] = LastKnown(settings.poll_outage_grace)
     app[UPSTREAM_URL] = settings.upstream
+    dashboard.setup(app, settings)
+    # the usage store's flushes, read at each scrape (the store itself is made by `stores`)
+    app[METRICS].usage_flush_lag.set_function(lambda: app[USAGE].lag() if USAGE in app else 0.0)
+    app[METRICS].usage_flush_errors.set_function(lambda: app[USAGE].flush_errors if USAGE in app else 0)
     if settings.webhooks:
         # tokens any process accepts where deliveries are shared (Redis), else this process's own
         app[WEBHOOKS] = webhooks.WebhookTokens(str(settings.public_url), ttl=settings.compose_deadline,
@@ -283,6 +303,7 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(stores)  # before the upstream client: the poll cache gets Redis's shared tier
     app.cleanup_ctx.append(periodic("usage flush", USAGE_FLUSH_EVERY, _flush_usage, last_run=True))
     app.cleanup_ctx.append(periodic("usage prune", 3600, _prune_usage))
+    app.cleanup_ctx.append(periodic("clients by readiness", CLIENTS_GAUGE_EVERY, usage_api.count_clients))
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(executor)
     app.cleanup_ctx.append(task_engine)

@@ -90,6 +90,19 @@ class Metrics:
         self.limits_refused = Counter("upscale_proxy_limits_refused",
                                       "V2 submissions refused at once by the process's limits, by limit",
                                       ["limit"], registry=r)
+        # the usage store (proxy/usage): its clients by readiness, counted every minute (proxy/app.py;
+        # every worker counts the same shared store); its flushes, read at each scrape
+        self.clients = Gauge("upscale_proxy_clients",
+                             "clients seen in the last 30 days, by readiness to leave V2 (as the dashboard counts)",
+                             ["readiness"], registry=r, multiprocess_mode="livemostrecent")
+        self.usage_flush_lag = _ReadAtScrape(
+            "upscale_proxy_usage_flush_lag_seconds",
+            "seconds since the usage store last took every count made here (about 1 when healthy)",
+            registry=r, multiprocess_mode="livemax")
+        self.usage_flush_errors = _ReadAtScrape(
+            "upscale_proxy_usage_flush_errors",
+            "usage store flushes that failed since the process started (their counts go with the next one)",
+            registry=r, multiprocess_mode="livesum")
         self._max_clients = max_clients
         self._clients: set[str] = set()
         self._latency: dict[str, Histogram] = {}
@@ -136,6 +149,10 @@ class Metrics:
         """A direct poll: miss (it called V3), shared (another poll's call), hit (a kept result)."""
         self._polls[outcome] += 1
 
+    def set_clients_by_readiness(self, counts: dict[str, int]) -> None:
+        for readiness, n in counts.items():
+            self.clients.labels(readiness).set(n)
+
     def count_webhook_result_evicted(self) -> None:
         self._webhook_results_evicted += 1
 
@@ -149,7 +166,8 @@ class Metrics:
         self.flush()
         if not multiprocess():
             return generate_latest(self.registry)
-        self.v3_breaker.refresh()  # this worker's; the others' as of their last scrape
+        for gauge in (self.v3_breaker, self.usage_flush_lag, self.usage_flush_errors):
+            gauge.refresh()  # this worker's; the others' as of their last scrape
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         return generate_latest(registry)

@@ -1,0 +1,132 @@
+"""The dashboard's pages: each handler reads one function of proxy/usage/view.py (the one the JSON
+and CSV read) and renders it. Filters are query parameters, so every view is a URL to bookmark."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp_jinja2
+import structlog
+from aiohttp import web
+
+from proxy.dashboard import api, auth
+from proxy.keys import USAGE
+from proxy.usage import view
+
+log = structlog.get_logger("proxy")
+STATIC = Path(__file__).with_name("static")
+_FILES = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # served as they are: nothing else is
+NAV = (("Overview", "/_proxy/dashboard", "overview"), ("Clients", "/_proxy/dashboard/clients", "clients"),
+       ("Features", "/_proxy/dashboard/features", "features"))
+# the pages load only this proxy's own files; uPlot styles its elements through the DOM, which
+# style-src does not govern, so no inline style or script is allowed
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "Cache-Control": "no-store",
+}
+
+
+def render(request: web.Request, template: str, page: str = "", status: int = 200, **context) -> web.Response:
+    context.setdefault("f", None)
+    response = aiohttp_jinja2.render_template(template, request, {
+        **context, "page": page, "nav": NAV, "periods": view.PERIODS, "csrf": request.app[auth.ADMIN].csrf,
+        "path": request.path, "now": datetime.now(UTC)}, status=status)
+    response.headers.update(HEADERS)
+    return response
+
+
+def _filters(request: web.Request, page: str) -> view.Filters | web.Response:
+    try:
+        return view.Filters.from_query(request.query)
+    except view.BadFilter as e:
+        return render(request, "error.html", page, 400, title="Bad filter", message=str(e))
+
+
+@auth.page
+async def overview(request: web.Request) -> web.Response:
+    f = _filters(request, "overview")
+    if isinstance(f, web.Response):
+        return f
+    u = request.app[USAGE]
+    return render(request, "overview.html", "overview", f=f, doc=await view.overview(u.store, u.context(), f))
+
+
+@auth.page
+async def clients(request: web.Request) -> web.Response:
+    f = _filters(request, "clients")
+    if isinstance(f, web.Response):
+        return f
+    u = request.app[USAGE]
+    return render(request, "clients.html", "clients", f=f, doc=await view.clients(u.store, u.context(), f))
+
+
+@auth.page
+async def client(request: web.Request) -> web.Response:
+    f = _filters(request, "clients")
+    if isinstance(f, web.Response):
+        return f
+    name = request.match_info["fingerprint"]
+    u = request.app[USAGE]
+    doc = await view.client(u.store, u.context(), name, f.days) if api.valid_client(name) else None
+    if doc is None:
+        return render(request, "error.html", "clients", 404, f=f, title="No such client",
+                      message="The usage store has never seen this client.")
+    return render(request, "client.html", "clients", f=f, doc=doc, saved=request.query.get("saved"),
+                  label_max=api.LABEL_MAX)
+
+
+@auth.page
+async def features(request: web.Request) -> web.Response:
+    f = _filters(request, "features")
+    if isinstance(f, web.Response):
+        return f
+    u = request.app[USAGE]
+    return render(request, "features.html", "features", f=f, doc=await view.features(u.store, u.context(), f))
+
+
+@auth.page
+async def set_label(request: web.Request) -> web.Response:
+    """The client page's label form: the session cookie (SameSite=Strict) and the form's CSRF token."""
+    name = request.match_info["fingerprint"]
+    form = await request.post()
+    sent, label = form.get("csrf"), form.get("label")
+    if not auth.csrf_ok(request, sent if isinstance(sent, str) else None):
+        auth.refused(request, "no or wrong CSRF token")
+        return render(request, "error.html", "clients", 403, title="Refused",
+                      message="The form's token is missing or stale: reload the page and try again.")
+    problem = await api.set_label(request, name, label if isinstance(label, str) else None, via="dashboard form")
+    if problem:
+        return render(request, "error.html", "clients", 400, title="Not saved", message=problem[1])
+    return auth.see_other(f"/_proxy/dashboard/clients/{name}?saved=1")
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return render(request, "login.html", next=auth.safe_next(request.query.get("next")))
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    token, target = form.get("token"), auth.safe_next(str(form.get("next") or ""))
+    if isinstance(token, str) and request.app[auth.ADMIN].matches(token.strip()):
+        response = auth.see_other(target)
+        auth.start_session(request, response)
+        log.info("admin.login", client=request.remote, via="form")
+        return response
+    auth.refused(request, "wrong token" if token else "no token")
+    return render(request, "login.html", status=401, next=target, error="That is not the admin token.")
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = auth.see_other(auth.LOGIN)
+    auth.end_session(response)
+    return response
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    """The vendored assets (uPlot, simple.css, the favicon): public, as the login page needs them."""
+    path = _FILES.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
