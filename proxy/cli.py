@@ -258,8 +258,17 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_format, settings.log_level, shared=reuse_port or workers > 1)
     if not reuse_port:  # a worker's parent has said it
         _warn_unknown_variables()
+    from proxy.dashboard import auth as admin
+
+    settings, made_token = admin.with_token(settings)  # a worker has its parent's, in its environment
+
+    def announce_dashboard(port: int) -> None:
+        if made_token:
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+            admin.announce(admin.dashboard_url(announced_url(host, port), made_token))
+
     if workers > 1:
-        raise SystemExit(Workers(settings, emulator, workers).run())
+        raise SystemExit(Workers(settings, emulator, workers, announce_dashboard).run())
     from proxy.app import create_app, start_draining
 
     try:
@@ -267,7 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     except MappingsError as e:
         print(f"upscale-v2-proxy: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(app, settings.host, settings.port, lambda port: log.info(
-        "proxy listening", url=announced_url(settings.host, port),
-        upstream="emulator" if settings.emulate_v3 else settings.upstream),
+
+    def listening(port: int) -> None:
+        log.info("proxy listening", url=announced_url(settings.host, port),
+                 upstream="emulator" if settings.emulate_v3 else settings.upstream)
+        announce_dashboard(port)
+
+    run(app, settings.host, settings.port, listening,
         Drain(settings.drain_delay, settings.shutdown_grace, partial(start_draining, app)), reuse_port=reuse_port)

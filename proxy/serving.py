@@ -51,8 +51,9 @@ class Workers:
     by itself stops the others, and this process exits non-zero: the orchestrator restarts it whole.
     """
 
-    def __init__(self, settings: Settings, emulator, count: int) -> None:
-        self.settings, self.emulator, self.count = settings, emulator, count
+    def __init__(self, settings: Settings, emulator, count: int,
+                 announce: Callable[[int], None] = lambda port: None) -> None:
+        self.settings, self.emulator, self.count, self.announce = settings, emulator, count, announce
         self.log = structlog.get_logger("proxy")
         self.signals: list[int] = []
 
@@ -66,6 +67,8 @@ class Workers:
         try:
             with self._reserve(s.host, s.port) as port:
                 env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+                if s.admin_token:  # made here when unset: every worker accepts the same one
+                    env["UPSCALE_PROXY_ADMIN_TOKEN"] = s.admin_token.get_secret_value()
                 upstream = s.upstream
                 if s.emulate_v3:
                     emulator, upstream = self._start_emulator()
@@ -80,6 +83,7 @@ class Workers:
                         children.append(subprocess.Popen(command, env=env, process_group=0))
                 self.log.info("workers started", url=announced_url(s.host, port), workers=[c.pid for c in children],
                               upstream="emulator" if s.emulate_v3 else s.upstream)
+                self.announce(port)
                 logs.flush()
                 return self._watch(children)
         except OSError as e:
