@@ -328,6 +328,7 @@ def client_dict(readiness: str, deadline: str, *, label: str = "photo-app backen
     ("ready", "on track", 45, "V2's sunset date is 2027-03-01: 45 days left."),
     ("ready", "no sunset", None, "No sunset date is set for V2 yet."),
     ("ready", "due soon", 1, "V2's sunset date is 2027-01-16: 1 day left."),
+    ("ready", "due soon", 0, "V2's sunset date is 2027-01-15: less than a day left."),
 ])
 def test__notice__for_a_client_on_v2_names_the_deadline_the_figures_and_what_blocks_it(
         readiness, deadline, sunset_in, says):
@@ -366,7 +367,7 @@ def test__notice__for_a_client_off_v2_says_so_with_its_last_calls(readiness, sun
     assert says in text
     assert text.startswith("Subject: key fingerprint 3f2a9c1d0b7e4a66: ")
     assert "0 calls to the deprecated V2 upscale API" in text and "Last V2 call: 2026-11-20 09:30:00 UTC" in text
-    assert "Last call of either: 2027-01-14 11:00:00 UTC" in text and f"Migration guide: {GUIDE}" in text
+    assert "Last call to either API: 2027-01-14 11:00:00 UTC" in text and f"Migration guide: {GUIDE}" in text
     assert "What to change" not in text and "dashboard" not in text
 
 

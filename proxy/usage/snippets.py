@@ -279,14 +279,15 @@ def _without_image(request: dict) -> dict:
     return {**request, "request": {k: v for k, v in request["request"].items() if k != "image_base64"}}
 
 
-def code_for(request: dict, *, title: str, input: str, base_url: str) -> dict[str, str]:
+def code_for(request: dict, *, title: str, source: str, base_url: str) -> dict[str, str]:
     """The code that sends one V3 request (the preview's, with any `image_base64`: it is read
-    from input.png), polls it and prints its image URLs, by language (LANGUAGES)."""
+    from input.png, which is `source`), polls it and prints its image URLs, by language (LANGUAGES).
+    `title` and `source` go into the code's first comments."""
     body = json.dumps(_without_image(request), indent=2)
     # curl streams the image between the JSON before and after it, so it needs the whole body
     head, tail = json.dumps({**request, "request": {**request["request"], "image_base64": _SPLIT}},
                             indent=2).split(f'"{_SPLIT}"')
-    common = {"TITLE": _one_line(title), "INPUT": _one_line(input), "BODY": body}
+    common = {"TITLE": _one_line(title), "INPUT": _one_line(source), "BODY": body}
     url = base_url.rstrip("/")
     return {
         "curl": _fill(CURL, **common, BASE_URL=shlex.quote(url), BODY_HEAD=head, BODY_TAIL=tail.lstrip("\n")),
@@ -342,7 +343,7 @@ def snippets_for(shape: str, translator: Translator, base_url: str) -> list[dict
             "kind": "request", "title": title, "items": [], "request": request,
             "json": json.dumps(shown, indent=2), "input": source,
             "text": f"Send this request with input.png being {source}; then poll its task to the end.",
-            "code": code_for(request, title=title, input=source, base_url=base_url),
+            "code": code_for(request, title=title, source=source, base_url=base_url),
         })
     # the first step only says how V2 read the input: with nothing else local, V3's reading will do
     if [line for line in steps if V3_JOB not in line] != steps[:1] or not requests:
@@ -393,7 +394,7 @@ def _deadline(client: dict, sunset: str | None) -> str:
         return "No sunset date is set for V2 yet."
     if days < 0:
         return f"V2's sunset date, {sunset}, passed {_plural(-days, 'day')} ago: V2 calls may be refused."
-    return f"V2's sunset date is {sunset}: {_plural(days, 'day')} left."
+    return f"V2's sunset date is {sunset}: {_plural(days, 'day') if days else 'less than a day'} left."
 
 
 def _feature_lines(client: dict) -> list[str]:
@@ -418,17 +419,15 @@ def notice(client: dict, *, guide_url: str, dashboard_url: str | None = None) ->
     sunset = _date(client.get("sunset"))
     state, who = client["readiness"], _who(client)
     subject = {
-        "blocked": f"{who}: move from the V2 upscale API to V3" + (f" by {sunset}" if sunset else ""),
-        "ready": f"{who}: move from the V2 upscale API to V3" + (f" by {sunset}" if sunset else ""),
-        "migrated": f"{who}: moved from the V2 upscale API to V3, nothing to do",
-        "quiet": f"{who}: no recent calls to the upscale API",
-    }[state]
-    out = [f"Subject: {subject}", "",
+        "migrated": "moved from the V2 upscale API to V3, nothing to do",
+        "quiet": "no recent calls to the upscale API",
+    }.get(state, "move from the V2 upscale API to V3" + (f" by {sunset}" if sunset else ""))
+    out = [f"Subject: {who}: {subject}", "",
            f"Client: {who}.",
            f"In the last {_plural(client['days'], 'day')}: {_plural(client['v2_calls'], 'call')} to the "
            f"deprecated V2 upscale API (POST /v2/upscale, GET /v2/progress), "
            f"{_plural(client['v3_calls'], 'call')} to V3.",
-           f"Last V2 call: {_when(client['last_v2'])}. Last call of either: {_when(client['last_seen'])}.",
+           f"Last V2 call: {_when(client['last_v2'])}. Last call to either API: {_when(client['last_seen'])}.",
            _deadline(client, sunset), ""]
     if state == "migrated":
         out.append("It calls V3 and no longer calls V2: nothing to change.")
@@ -442,8 +441,8 @@ def notice(client: dict, *, guide_url: str, dashboard_url: str | None = None) ->
                    + (f", by {sunset}." if sunset else "."))
         if state == "blocked":
             names = ", ".join(type(BY_NAME[n]).__name__ if n in BY_NAME else n for n in client["blocking"])
-            out.append(f"It uses V2 features V3 lacks ({names}): V3 does not do them, so after the V3 "
-                       "request they must be done locally, or dropped.")
+            out.append(f"It uses V2 features V3 lacks ({names}): V3 does not do them; they must be done "
+                       "locally (each line below says how), or dropped.")
         else:
             out.append("Every V2 feature it uses has a way in V3.")
     lines = _feature_lines(client) if state in ("blocked", "ready") else []
