@@ -292,7 +292,8 @@ PAGE = "https://proxy.example/_proxy/dashboard/clients/3f2a9c1d0b7e4a66"
 FEATURE_HELP = {  # as view.client() writes them, from the registry
     "crop": {"name": "crop", "summary": "`upscaling_crop` in mode 1: the scaled image pasted centred on a black w x h "
                                         "canvas, so the result is exactly the size asked for.",
-             "verdict": "lacking", "v3": "no crop: crop the centre of the result locally", "decisions": {"emulate": 40}},
+             "verdict": "lacking", "v3": "no crop: crop the centre of the result locally",
+             "decisions": {"emulate": 40}},
     "upscaler_2": {"name": "upscaler_2", "summary": "A second upscaler blended in.", "verdict": "lacking",
                    "v3": "no blend: run a second V3 job and blend the two results locally",
                    "decisions": {"emulate": 12}},
@@ -357,8 +358,8 @@ def test__notice__for_a_client_on_v2_names_the_deadline_the_figures_and_what_blo
 @pytest.mark.parametrize("readiness, sunset_in, says", [
     ("migrated", 45, "It calls V3 and no longer calls V2: nothing to change."),
     ("migrated", None, "It calls V3 and no longer calls V2: nothing to change."),
-    ("quiet", 45, "If it still runs, it must use V3 (POST /v3/async/upscale, then GET /v3/async/task-result?task_id=...)"
-                  " before 2027-03-01."),
+    ("quiet", 45, "If it still runs, it must use V3 (POST /v3/async/upscale, then "
+                  "GET /v3/async/task-result?task_id=...) before 2027-03-01."),
     ("quiet", None, "before V2 is switched off."),
 ])
 def test__notice__for_a_client_off_v2_says_so_with_its_last_calls(readiness, sunset_in, says):
