@@ -81,7 +81,7 @@ async def put_label(request: web.Request) -> web.Response:
         doc = await request.json(loads=orjson.loads)
     except ValueError:
         return bad_request("body", 'a JSON object: {"label": "..."}')
-    if not isinstance(doc, dict) or not isinstance(doc.get("label"), str | None):
+    if not isinstance(doc, dict) or not isinstance(doc.get("label", 0), str | None):  # a missing label is no removal
         return bad_request("label", "label: a string, or null to remove it")
     problem = await set_label(request, name, doc.get("label"), via="bearer")
     if problem:

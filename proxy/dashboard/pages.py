@@ -37,6 +37,16 @@ def render(request: web.Request, template: str, page: str = "", status: int = 20
     return response
 
 
+async def _form(request: web.Request) -> dict[str, str]:
+    """The form's text fields; a body that is no form (multipart without its boundary, ...) is an
+    empty one, answered as such, never a 500."""
+    try:
+        form = await request.post()
+    except ValueError:
+        return {}
+    return {name: value for name, value in form.items() if isinstance(value, str)}
+
+
 def _filters(request: web.Request, page: str) -> view.Filters | web.Response:
     try:
         return view.Filters.from_query(request.query)
@@ -90,13 +100,12 @@ async def features(request: web.Request) -> web.Response:
 async def set_label(request: web.Request) -> web.Response:
     """The client page's label form: the session cookie (SameSite=Strict) and the form's CSRF token."""
     name = request.match_info["fingerprint"]
-    form = await request.post()
-    sent, label = form.get("csrf"), form.get("label")
-    if not auth.csrf_ok(request, sent if isinstance(sent, str) else None):
+    form = await _form(request)
+    if not auth.csrf_ok(request, form.get("csrf")):
         auth.refused(request, "no or wrong CSRF token")
         return render(request, "error.html", "clients", 403, title="Refused",
                       message="The form's token is missing or stale: reload the page and try again.")
-    problem = await api.set_label(request, name, label if isinstance(label, str) else None, via="dashboard form")
+    problem = await api.set_label(request, name, form.get("label"), via="dashboard form")
     if problem:
         return render(request, "error.html", "clients", 400, title="Not saved", message=problem[1])
     return auth.see_other(f"/_proxy/dashboard/clients/{name}?saved=1")
@@ -107,9 +116,9 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    form = await request.post()
-    token, target = form.get("token"), auth.safe_next(str(form.get("next") or ""))
-    if isinstance(token, str) and request.app[auth.ADMIN].matches(token.strip()):
+    form = await _form(request)
+    token, target = form.get("token"), auth.safe_next(form.get("next"))
+    if token and request.app[auth.ADMIN].matches(token.strip()):
         response = auth.see_other(target)
         auth.start_session(request, response)
         log.info("admin.login", client=request.remote, via="form")
