@@ -9,9 +9,12 @@ on Ctrl-C or an error):
 
 - Clients, until the end: the Python SDK novita-client 0.4.12 (`upscale` then `wait_for_task`, in
   threads) and the JS SDK novita-sdk@1.0.31 (`upscaleSync`, tests/bench/soak_client.js, installed
-  by npm into tests/bench/.sdk/). Each submits a small real PNG with one of a few V2 bodies
-  (direct, and composed: scale-to with a crop, a blend of two upscalers), waits for the result and
-  downloads it. Each has its own fake key. No Go V2 SDK is available from the registries here.
+  by npm into tests/bench/.sdk/), each with its own fake key. Each SDK starts a new task about every
+  --interval seconds, whatever the earlier ones are doing, so that every fault meets submissions
+  as well as polls (a client that waits for its task before the next would sit out an outage in
+  its wait loop). A task submits a small real PNG with one of a few V2 bodies (direct, and
+  composed: scale-to with a crop, a blend of two upscalers), waits for the result and downloads
+  it. No Go V2 SDK is available from the registries here.
 - Faults, at fixed fractions of the run: V3 down (port closed) then up, a burst of 502s, V3's 429s,
   Redis restarted (saved, stopped, started on the same port and data), one replica SIGKILLed and
   started again a bit later. The emulator also fails a few jobs itself (FAIL_RATE): that is the
@@ -26,7 +29,7 @@ a task V3 failed itself, and a submission answered with a "retry" code (5 or 9) 
 down, answering 502 or 429, or within TAIL seconds after (the circuit breaker's cool-down).
 Everything else counts, Redis and replica faults included, and makes the exit status 1.
 
-    .venv/bin/python -m tests.bench.soak [--minutes 6.5] [--python-clients 4] [--js-clients 4] [--keep]
+    .venv/bin/python -m tests.bench.soak [--minutes 6.5] [--interval 0.8] [--no-js] [--keep]
 """
 
 from __future__ import annotations
@@ -298,6 +301,7 @@ class Outcome:
     task_id: str | None = None
     cause: str = ""  # the exception, or the V2 code and msg
     code: int | None = None  # V2 code of a refused submission
+    started: float = 0.0  # when the client began (epoch seconds)
 
 
 def describe(e: BaseException) -> str:
@@ -315,55 +319,69 @@ def reply_summary(resp) -> dict:
     return summary
 
 
-class PythonClient:
-    """A thread running the Python SDK's own calls, task after task, until `stop` is set."""
+class PythonUsers:
+    """The Python SDK as its users call it: a new task about every `interval` seconds, whatever the
+    earlier ones are doing (so that every fault window sees submissions, not only polls), each a
+    user of its own: a thread with its own NovitaClient that submits, waits with wait_for_task and
+    downloads the images with the SDK's own calls."""
 
-    def __init__(self, n: int, base_url: str, image: str, stop: threading.Event, outcomes: list[Outcome]) -> None:
-        from novita_client import NovitaClient
+    def __init__(self, base_url: str, image: str, interval: float, outcomes: list[Outcome]) -> None:
+        self.base_url, self.image, self.interval, self.outcomes = base_url, image, interval, outcomes
+        self.stop = threading.Event()
+        self.in_flight: dict[int, list] = {}  # thread id -> [body, task id, started]
+        self.thread = threading.Thread(target=self._arrivals, name="python-arrivals", daemon=True)
 
-        self.n, self.image, self.stop, self.outcomes = n, image, stop, outcomes
-        self.sdk = NovitaClient(KEYS["python"], base_url=base_url)
-        self.last: dict = {}  # the last reply, for the report: the SDK's exceptions don't carry it
-        self.sdk.session.hooks["response"].append(lambda resp, *a, **kw: self.last.update(reply_summary(resp)))
-        self.current: tuple[str, str | None] | None = None  # (body, task id) in flight
-        self.thread = threading.Thread(target=self._run, name=f"python-client-{n}", daemon=True)
-
-    def _run(self) -> None:
-        for i in itertools.count(self.n):
-            if self.stop.is_set():
-                return
+    def _arrivals(self) -> None:
+        for i in itertools.count():
             name, fields = BODIES[i % len(BODIES)]
-            self.current = (name, None)
-            outcome = self._task(name, fields)
-            self.current = None
-            self.outcomes.append(outcome)
-            time.sleep(1.0 if outcome.phase == "submit" else random.uniform(0, 0.5))  # a retry waits a moment
+            threading.Thread(target=self._user, args=(name, fields), daemon=True).start()
+            if self.stop.wait(self.interval * random.uniform(0.5, 1.5)):  # users are not in step
+                return
 
-    def _task(self, name: str, fields: dict) -> Outcome:
-        from novita_client import NovitaTimeoutError, UpscaleRequest
+    def _user(self, name: str, fields: dict) -> None:
+        me = threading.get_ident()
+        self.in_flight[me] = [name, None, time.time()]
+        try:
+            self.outcomes.append(self._task(name, fields, self.in_flight[me]))
+        finally:
+            del self.in_flight[me]
+
+    def drain(self, seconds: float) -> None:
+        """No new tasks; those in flight get `seconds`; the ones still waiting then are reported unfinished."""
+        self.stop.set()
+        deadline = time.monotonic() + seconds
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for name, task_id, started in list(self.in_flight.values()):
+            self.outcomes.append(Outcome(time.time(), "python", name, "unfinished", "poll", task_id,
+                                         f"still in flight {seconds:g} s after the end of the load", started=started))
+
+    def _task(self, name: str, fields: dict, mine: list) -> Outcome:
+        from novita_client import NovitaClient, NovitaTimeoutError, UpscaleRequest
         from novita_client.proto import ProgressResponseStatusCode as Status
         from novita_client.proto import UpscaleResizeMode
 
         def out(result: str, phase: str, task_id: str | None = None, cause: str = "", code: int | None = None):
-            return Outcome(time.time(), "python", name, result, phase, task_id, cause, code)
+            return Outcome(time.time(), "python", name, result, phase, task_id, cause, code, mine[2])
 
-        self.last.clear()
-        request = UpscaleRequest(image=self.image, **{**fields, "resize_mode": UpscaleResizeMode(fields["resize_mode"])})
+        sdk = NovitaClient(KEYS["python"], base_url=self.base_url)
+        last: dict = {}  # the last reply, for the report: the SDK's exceptions don't carry it
+        sdk.session.hooks["response"].append(lambda resp, *a, **kw: last.update(reply_summary(resp)))
+        mode = UpscaleResizeMode(fields["resize_mode"])
+        request = UpscaleRequest(image=self.image, **{**fields, "resize_mode": mode})
         try:
-            reply = self.sdk.upscale(request)
+            reply = sdk.upscale(request)
         except Exception as e:  # what the SDK raises: a non-200, a connection error, a parse error
-            return out("error", "submit", cause=f"{describe(e)}; last reply {self.last}")
-        if reply.data is None or self.last.get("code") != 0:
-            code = self.last.get("code")
-            return out("refused", "submit", cause=f"code {code}: {self.last.get('msg')}", code=code)
-        task_id = reply.data.task_id
-        self.current = (name, task_id)
+            return out("error", "submit", cause=f"{describe(e)}; last reply {last}")
+        if reply.data is None or last.get("code") != 0:
+            return out("refused", "submit", cause=f"code {last.get('code')}: {last.get('msg')}", code=last.get("code"))
+        task_id = mine[1] = reply.data.task_id
         try:
-            done = self.sdk.wait_for_task(task_id)
+            done = sdk.wait_for_task(task_id)
         except NovitaTimeoutError as e:
-            return out("timed out", "poll", task_id, f"{describe(e)}; last reply {self.last}")
+            return out("timed out", "poll", task_id, f"{describe(e)}; last reply {last}")
         except Exception as e:  # e.g. AttributeError on `data: null`, or a non-200
-            return out("error", "poll", task_id, f"{describe(e)}; last reply {self.last}")
+            return out("error", "poll", task_id, f"{describe(e)}; last reply {last}")
         data = done.data
         if data.status is Status.SUCCESSFUL:
             done.download_images()  # the SDK's own download (5 attempts; a failed one is dropped)
@@ -397,7 +415,8 @@ def install_js_sdk() -> str | None:
 def js_outcome(rec: dict) -> Outcome:
     """A line of soak_client.js as an Outcome."""
     def out(result: str, cause: str = "", code: int | None = None) -> Outcome:
-        return Outcome(rec["t"], "js", rec["body"], result, rec.get("phase", ""), rec.get("task_id"), cause, code)
+        return Outcome(rec["t"], "js", rec["body"], result, rec.get("phase", ""), rec.get("task_id"), cause, code,
+                       rec.get("started", rec["t"]))
 
     if rec["outcome"] == "succeeded":
         return out("succeeded")
@@ -418,14 +437,14 @@ def js_outcome(rec: dict) -> Outcome:
     return out("error", cause)
 
 
-async def run_js(base_url: str, image: str, loops: int, work: Path, stop: asyncio.Event,
+async def run_js(base_url: str, image: str, interval: float, work: Path, stop: asyncio.Event,
                  outcomes: list[Outcome]) -> None:
     """soak_client.js until `stop`; then its tasks in flight get DRAIN seconds."""
     bodies = work / "bodies.json"
     bodies.write_text(json.dumps({"image": image, "bodies": BODIES}))
     with (work / "js-client.log").open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(HERE / "soak_client.js"), str(SDK_DIR), base_url, str(bodies), str(loops),
+            "node", str(HERE / "soak_client.js"), str(SDK_DIR), base_url, str(bodies), str(interval),
             str(JS_TASK_TIMEOUT), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
             env=child_env(SOAK_API_KEY=KEYS["js"]), start_new_session=True)
 
@@ -435,7 +454,8 @@ async def run_js(base_url: str, image: str, loops: int, work: Path, stop: asynci
             try:
                 outcomes.append(js_outcome(json.loads(line)))
             except (ValueError, KeyError) as e:
-                outcomes.append(Outcome(time.time(), "js", "?", "error", "?", cause=f"unreadable line {line[:100]!r}: {e}"))
+                outcomes.append(Outcome(time.time(), "js", "?", "error", "?",
+                                        cause=f"unreadable line {line[:100]!r}: {e}"))
 
     reader = asyncio.create_task(read())
     try:
@@ -445,7 +465,7 @@ async def run_js(base_url: str, image: str, loops: int, work: Path, stop: asynci
         try:
             await asyncio.wait_for(proc.wait(), DRAIN)
         except asyncio.TimeoutError:
-            signal_group(proc, signal.SIGTERM)  # it reports what is still in flight, then exits
+            signal_group(proc, signal.SIGTERM)  # it reports what is still in flight as ended, then exits
             await asyncio.wait_for(proc.wait(), 10)
         await reader
     finally:
@@ -547,7 +567,8 @@ def verdicts(outcomes: list[Outcome], faults: Faults) -> tuple[list[Verdict], li
         place, window = faults.where(o.t)
         upstream_failed = o.result == "failed" and FAIL_REASON in o.cause
         v3_refused = o.result == "refused" and o.code in RETRY_CODES and window is not None and window.v3
-        (excused if upstream_failed or v3_refused else counted).append((o, place, window.name if window else "no fault"))
+        verdict = (o, place, window.name if window else "no fault")
+        (excused if upstream_failed or v3_refused else counted).append(verdict)
     return counted, excused
 
 
@@ -566,10 +587,18 @@ def calls_table(lb: Balancer) -> list[str]:
 def tasks_table(outcomes: list[Outcome]) -> list[str]:
     results = ["succeeded", "failed", "timed out", "error", "unfinished", "refused"]
     by = Counter((o.client, o.body, o.result) for o in outcomes)
-    rows = [[client, body, *(by[client, body, r] for r in results)]
+    rows = [[client, body, *(by[client, body, r] for r in results), task_times(outcomes, client, body)]
             for client in ("python", "js") for body, _ in BODIES if any(by[client, body, r] for r in results)]
     return table(["client", "V2 body", "succeeded", "failed (status 3)", "timed out", "error",
-                  "unfinished at end", "refused submissions"], rows)
+                  "unfinished at end", "refused submissions", "succeeded in p50 / p95 / max"], rows)
+
+
+def task_times(outcomes: list[Outcome], client: str, body: str) -> str:
+    """Submission to image downloaded, of the tasks that succeeded: a stall under a fault shows here."""
+    times = sorted(o.t - o.started for o in outcomes if (o.client, o.body, o.result) == (client, body, "succeeded"))
+    if not times:
+        return "-"
+    return " / ".join(f"{times[min(len(times) - 1, int(q * len(times)))]:.1f} s" for q in (0.5, 0.95, 1.0))
 
 
 def replies_table(lb: Balancer, faults: Faults) -> list[str]:
@@ -595,7 +624,8 @@ def _counts(row: Counter, kind: str) -> str:
 
 def failure_lines(items: list[Verdict]) -> list[str]:
     return [f"- +{since(o.t):.1f} s, {place}: {o.client} {o.body!r}, {o.result} at {o.phase}"
-            f"{f' (task {o.task_id})' if o.task_id else ''}: {o.cause}" for o, place, _ in sorted(items, key=lambda i: i[0].t)]
+            f"{f' (task {o.task_id})' if o.task_id else ''}: {o.cause}"
+            for o, place, _ in sorted(items, key=lambda i: i[0].t)]
 
 
 def grouped(items: list[Verdict]) -> list[str]:
@@ -614,16 +644,19 @@ def _generic(cause: str) -> str:
 def header(a: argparse.Namespace, seconds: float, notes: list[str]) -> list[str]:
     """What ran, on what, at which commit of the proxy (the proxy may be mid-change: say so)."""
     git = lambda *args: subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes in proxy/" if git("status", "--porcelain",
-                                                                                               "proxy") else "")
+    commit = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "proxy"):
+        commit += " with uncommitted changes in proxy/"
     m = machine()
     return [f"# Soak with faults: {seconds / 60:g} min, {m['date']}", "",
             f"Proxy at {commit}; {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, aiohttp {m['aiohttp']}. "
             f"Two `serve` replicas on one Redis behind a round-robin load balancer; the V3 emulator (queued "
-            f"{EMULATOR['queue_delay']:g} s, processing {EMULATOR['process_delay']:g} s, {EMULATOR['fail_rate']:.0%} of "
-            f"jobs failed by it) behind a fault front. Clients: {a.python_clients} x Python SDK novita-client 0.4.12 "
-            f"(upscale, wait_for_task), {a.js_clients} x JS SDK {JS_SDK} (upscaleSync). "
-            f"`.venv/bin/python -m tests.bench.soak --minutes {a.minutes:g}`.", "", *(f"- {n}" for n in notes)]
+            f"{EMULATOR['queue_delay']:g} s, processing {EMULATOR['process_delay']:g} s, "
+            f"{EMULATOR['fail_rate']:.0%} of jobs failed by it) behind a fault front. Clients: a new task about "
+            f"every {a.interval:g} s from each SDK, each task a user of its own: the Python SDK novita-client 0.4.12 "
+            f"(upscale, wait_for_task) and the JS SDK {JS_SDK} (upscaleSync). "
+            f"`.venv/bin/python -m tests.bench.soak --minutes {a.minutes:g} --interval {a.interval:g}`.", "",
+            *(f"- {n}" for n in notes)]
 
 
 def report(a: argparse.Namespace, lb: Balancer, fake: FakeUpstream, faults: Faults, outcomes: list[Outcome],
@@ -683,7 +716,8 @@ async def soak(a: argparse.Namespace, work: Path) -> int:
 
         emu_port = free_port()
         emulator = spawn([str(BIN), "emulator", "--host", "127.0.0.1", "--port", str(emu_port),
-                          "--queue-delay", str(EMULATOR["queue_delay"]), "--process-delay", str(EMULATOR["process_delay"]),
+                          "--queue-delay", str(EMULATOR["queue_delay"]),
+                          "--process-delay", str(EMULATOR["process_delay"]),
                           "--log-format", "json", "--log-level", "warning"],
                          child_env(UPSCALE_PROXY_EMULATOR_FAIL_RATE=str(EMULATOR["fail_rate"]),
                                    UPSCALE_PROXY_EMULATOR_FAIL_REASON=FAIL_REASON, UPSCALE_PROXY_EMULATOR_SEED="7"),
@@ -706,41 +740,30 @@ async def soak(a: argparse.Namespace, work: Path) -> int:
         say(f"up: redis :{redis.port}, emulator :{emu_port}, fault front :{fake.port}, "
             f"replicas :{replicas[0].port} :{replicas[1].port}, load balancer :{lb.port}; work dir {work}")
 
-        js_missing = install_js_sdk() if a.js_clients else "--js-clients 0"
+        js_missing = "--no-js" if a.no_js else install_js_sdk()
         if js_missing:
             notes.append(f"JS client: NOT RUN ({js_missing}).")
         T0 = time.time()
-        say(f"load for {a.minutes:g} min: {a.python_clients} Python SDK clients, "
-            f"{0 if js_missing else a.js_clients} JS SDK clients; Go: no Go V2 SDK is available here")
+        say(f"load for {a.minutes:g} min: a new task about every {a.interval:g} s from the Python SDK"
+            f"{'' if js_missing else ' and from the JS SDK'}; Go: no Go V2 SDK is available here")
         faults = Faults(fake, redis, replicas[0])
-        stop_threads, stop_js = threading.Event(), asyncio.Event()
-        clients = [PythonClient(n, lb.url, image, stop_threads, outcomes) for n in range(a.python_clients)]
-        for c in clients:
-            c.thread.start()
-        stack.callback(stop_threads.set)
-        js = None if js_missing else asyncio.create_task(run_js(lb.url, image, a.js_clients, work, stop_js, outcomes))
+        python = PythonUsers(lb.url, image, a.interval, outcomes)
+        python.thread.start()
+        stack.callback(python.stop.set)
+        stop_js = asyncio.Event()
+        js = None if js_missing else asyncio.create_task(run_js(lb.url, image, a.interval, work, stop_js, outcomes))
         tick = asyncio.create_task(ticker(outcomes, faults))
         try:
             await faults.run(seconds)
             await asyncio.sleep(max(0.0, T0 + seconds - time.time()))
             say(f"end of the load: no new tasks; those in flight get {DRAIN:g} s")
-            stop_threads.set()
             stop_js.set()
-            deadline = time.monotonic() + DRAIN
-            for c in clients:
-                await asyncio.to_thread(c.thread.join, max(0.0, deadline - time.monotonic()))
-            if js is not None:
-                await js
+            await asyncio.gather(asyncio.to_thread(python.drain, DRAIN), *([js] if js else []))
         finally:
             tick.cancel()
             stop_js.set()
             if js is not None and not js.done():
                 js.cancel()
-        ended = time.time()
-        for c in clients:  # still waiting: its task is reported as unfinished
-            if c.thread.is_alive() and c.current is not None:
-                outcomes.append(Outcome(ended, "python", c.current[0], "unfinished", "poll", c.current[1],
-                                        f"still in flight {DRAIN:g} s after the end of the load"))
         summary, details, counted = report(a, lb, fake, faults, list(outcomes), notes, secret, seconds)
     out = ROOT / "tests" / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}-soak.md"
     out.write_text("\n".join(summary + details) + "\n")
@@ -754,8 +777,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=6.5,
                    help="minutes of load, 1.5 to 7 (default 6.5: with the set-up, a first npm install and the "
                         "drain, under 10 min in all)")
-    p.add_argument("--python-clients", type=int, default=4, help="Python SDK threads (default 4)")
-    p.add_argument("--js-clients", type=int, default=4, help="JS SDK loops, in one node process (default 4)")
+    p.add_argument("--interval", type=float, default=0.8,
+                   help="seconds between new tasks of each SDK, jittered by +-50%% (default 0.8)")
+    p.add_argument("--no-js", action="store_true", help="leave the JS SDK out (it needs node and npm)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, data) even when all went well")
     a = p.parse_args()
     if not 1.5 <= a.minutes <= 7:
