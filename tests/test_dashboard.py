@@ -365,6 +365,29 @@ def test__pages__render_for_an_operator_logged_in_through_the_form(live, browser
     assert console_errors(browser) == []
 
 
+def test__client_page__shows_the_v3_request_translate_gives_for_its_body(live, browser, shots):
+    from selenium.webdriver.common.by import By
+
+    log_in(browser, live.url)
+    browser.get(f"{live.url}/_proxy/dashboard/clients/{FP['bravo']}")
+    shown = [json.loads(pre.text) for pre in browser.find_elements(By.CSS_SELECTOR, "#snippets pre.v3-request")]
+    preview = requests.post(f"{live.url}/_proxy/translate", json={**COMPOSED, "image": b64()}, timeout=10).json()
+    assert preview["code"] == 0, preview
+    expected = preview["data"]["v3_requests"]
+    assert len(shown) == len(expected) >= 1
+
+    def without_image(request: dict) -> dict:
+        return {**request, "request": {k: v for k, v in request["request"].items() if k != "image_base64"}}
+
+    assert [without_image(r) for r in shown] == [without_image(r) for r in expected]
+    curl = browser.find_element(By.CSS_SELECTOR, "#snippets pre.code.curl").text
+    assert f"BASE_URL={live.url}" in curl and "/v3/async/upscale" in curl  # through this proxy's /v3
+    notice = browser.find_element(By.ID, "notice").get_attribute("value")
+    assert FP["bravo"] in notice and "CropToCentre" in notice and CLIENTS["bravo"][0] not in notice
+    screenshot(browser, shots, "client-snippets")
+    assert console_errors(browser) == []
+
+
 def test__clients_table__filters_search_and_sorting_change_the_rows(live, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select

@@ -11,8 +11,8 @@ import structlog
 from aiohttp import web
 
 from proxy.dashboard import api, auth
-from proxy.keys import USAGE
-from proxy.usage import view
+from proxy.keys import SETTINGS, TRANSLATOR, USAGE
+from proxy.usage import snippets, view
 
 log = structlog.get_logger("proxy")
 STATIC = Path(__file__).with_name("static")
@@ -78,13 +78,20 @@ async def client(request: web.Request) -> web.Response:
     if isinstance(f, web.Response):
         return f
     name = request.match_info["fingerprint"]
-    u = request.app[USAGE]
-    doc = await view.client(u.store, u.context(), name, f.days) if api.valid_client(name) else None
+    u, ctx = request.app[USAGE], request.app[USAGE].context()
+    doc = await view.client(u.store, ctx, name, f.days) if api.valid_client(name) else None
     if doc is None:
         return render(request, "error.html", "clients", 404, f=f, title="No such client",
                       message="The usage store has never seen this client.")
+    # its most frequent body, as V3 code: against the successor URL, else this proxy's /v3 pass-through
+    settings, origin = request.app[SETTINGS], str(request.url.origin())
+    shape = doc["shapes"][0] if doc["shapes"] else None
+    code = snippets.snippets_for(shape["shape"], request.app[TRANSLATOR], settings.successor_url or origin) \
+        if shape else []
+    guide = settings.deprecation_link if "://" in settings.deprecation_link else origin + settings.deprecation_link
+    message = snippets.notice({**doc, "sunset": ctx.sunset}, guide_url=guide, dashboard_url=origin + request.path)
     return render(request, "client.html", "clients", f=f, doc=doc, saved=request.query.get("saved"),
-                  label_max=api.LABEL_MAX)
+                  label_max=api.LABEL_MAX, shape=shape, snippets=code, languages=snippets.LANGUAGES, notice=message)
 
 
 @auth.page
