@@ -9,20 +9,14 @@ import io
 from typing import Literal
 
 from aiohttp import web
-from PIL import Image, ImageOps
+from PIL import Image
+
+# the stand-ins ship with the legacy V2 emulator, which restores faces the same way
+from proxy.emulator.a1111 import codeformer_stand_in, gfpgan_stand_in
 
 REQUESTS = web.AppKey("requests", list[dict])
 
 Reply = Literal["image", "not json", "no image", "not an image", "too large"]
-
-
-def gfpgan_stand_in(image: Image.Image) -> Image.Image:
-    return ImageOps.invert(image)
-
-
-def codeformer_stand_in(image: Image.Image, weight: float) -> Image.Image:
-    """Like CodeFormer's weight: 0 changes the most (1 bit per channel), 1 keeps the input (8 bits)."""
-    return ImageOps.posterize(image, 1 + round(weight * 7))
 
 
 def expected(image: Image.Image, g: float, c: float, w: float) -> Image.Image:
