@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageFilter
 
 # Stand-ins for the three models: deterministic, and different from each other, so a test can tell
 # which model produced an image.
+WEIGHTS_V3_LACKS = "weights V3 lacks"  # V2's other models (proxy/emulator/a1111.py); V3 refuses the name
 MODEL_FILTERS = {
     "RealESRGAN_x4plus_anime_6B": Image.Resampling.BICUBIC,
     "RealESRNet_x4plus": Image.Resampling.LANCZOS,
     "4x-UltraSharp": Image.Resampling.LANCZOS,
+    # close to RealESRNet_x4plus, which the proxy runs in their place, but not the same pixels
+    WEIGHTS_V3_LACKS: Image.Resampling.HAMMING,
 }
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -126,12 +130,14 @@ class TaskStore:
         while len(self._tasks) > 1 and (len(self._tasks) > self.max_tasks or self.bytes > self.max_bytes):
             self._drop(next(iter(self._tasks)))
 
-    def sweep(self, now: float, image_url_ttl: float, keep_for: float) -> None:
-        """Drop the results whose URLs have expired, and the tasks `keep_for` seconds after that."""
+    def sweep(self, now: float, image_url_ttl: float | Callable[[Task], float], keep_for: float) -> None:
+        """Drop the results whose URLs have expired, and the tasks `keep_for` seconds after that.
+        `image_url_ttl` may be a function of the task (V2's `img_expire_ttl` is per task)."""
         for task in list(self._tasks.values()):
-            if now - task.completes > image_url_ttl + keep_for:
+            ttl = image_url_ttl(task) if callable(image_url_ttl) else image_url_ttl
+            if now - task.completes > ttl + keep_for:
                 self._drop(task.task_id)
-            elif now - task.completes > image_url_ttl and task.result is not None:
+            elif now - task.completes > ttl and task.result is not None:
                 task.result = None
                 self.recount(task)
 
