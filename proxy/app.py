@@ -30,10 +30,14 @@ from proxy.keys import (
     EXECUTOR,
     FINGERPRINT,
     LAST_KNOWN,
+    LEGACY,
     MAPPINGS,
     METRICS,
+    MIGRATION,
+    MIGRATION_STORE,
     READINESS,
     RESULTS,
+    ROUTER,
     SECRET,
     SESSION,
     SETTINGS,
@@ -49,15 +53,24 @@ from proxy.keys import (
 )
 from proxy.limits import LIMITS, Limits, keep_freed_memory, trim_memory
 from proxy.metrics import Metrics
+from proxy.migration.compare import Thresholds
+from proxy.migration.health import Health, HealthSettings
+from proxy.migration.legacy import LegacyV2
+from proxy.migration.router import Router
+from proxy.migration.service import Migration
+from proxy.migration.shadow import Shadows, ShadowSettings
+from proxy.migration.stages import Rules
+from proxy.migration.store import RedisMigrationStore, SqliteMigrationStore
 from proxy.settings import Settings
 from proxy.stores import FileResultStore, SqliteTaskStore
+from proxy.usage.service import USAGE_FLUSH_EVERY, Usage
+from proxy.usage.stores import RedisUsageStore, SqliteUsageStore
 from proxy.v2 import edge
 from proxy.v2 import handlers as v2
 from proxy.v2.direct import DirectTasks
 from proxy.v2.last_known import LastKnown
 from proxy.v2.poll_cache import PollCache
-from proxy.usage.service import USAGE_FLUSH_EVERY, Usage
-from proxy.usage.stores import RedisUsageStore, SqliteUsageStore
+from proxy.v2.sides import AppSides
 from proxy.v2.translation import Translator
 from proxy.v3.breaker import CircuitBreaker
 from proxy.v3.client import V3Client
@@ -207,9 +220,13 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
         app[TASK_STORE] = SqliteTaskStore(s.data_dir / "tasks.sqlite3")
         app[RESULTS] = FileResultStore(s.data_dir / "results")
         app[USAGE] = Usage(SqliteUsageStore(s.data_dir / "usage.sqlite3"), s)
+        if s.v2_upstream:
+            app[MIGRATION_STORE] = SqliteMigrationStore(s.data_dir / "migration.sqlite3")
         yield
         await app[TASK_STORE].close()
         await app[USAGE].store.close()
+        if s.v2_upstream:
+            await app[MIGRATION_STORE].close()
         return
     from proxy.stores import redis  # only when configured
 
@@ -218,6 +235,8 @@ async def stores(app: web.Application) -> AsyncIterator[None]:
         app[RESULTS] = redis.RedisResultStore(client, s.redis_prefix)
         app[SHARED_RESULTS] = redis.RedisSharedResults(client, s.redis_prefix)
         app[USAGE] = Usage(RedisUsageStore(client, s.redis_prefix), s)
+        if s.v2_upstream:
+            app[MIGRATION_STORE] = RedisMigrationStore(client, s.redis_prefix)
         try:
             await client.ping()
         except redis.exceptions.AuthenticationError:
@@ -236,6 +255,41 @@ async def _prune_usage(app: web.Application) -> None:
         log.info("pruned usage hours past their retention", count=removed)
 
 
+async def migration(app: web.Application) -> AsyncIterator[None]:
+    """With a legacy V2 (UPSCALE_PROXY_V2_UPSTREAM): the V2 side, on the pooled session, and the
+    router (its changes re-read every second, by the periodic job create_app adds) (proxy/migration)."""
+    s = app[SETTINGS]
+    app[LEGACY] = LegacyV2(app[SESSION], s.v2_upstream, gone_after=s.v2_gone_after)
+    router = app[ROUTER] = Router(Rules.load(s.migration_file), app[MIGRATION_STORE],
+                                  allow_route=s.allow_route_header, route_ttl=s.route_ttl)
+    await _refresh_router(app)
+    health = Health(HealthSettings(s.rollback_window, s.rollback_min_calls, s.rollback_max_failure_rate,
+                                   s.rollback_max_mismatch_rate, s.promote_after))
+    migrating = app[MIGRATION] = Migration(router, app[MIGRATION_STORE], health, app[RESULTS], app[USAGE].tallies,
+                                           hold=s.rollback_hold, promote_percent=s.promote_percent)
+    sides = AppSides(app, _image_fetcher(app, app[UPSTREAM_URL]), _image_fetcher(app, s.v2_upstream))
+    migrating.shadows = Shadows(sides, ShadowSettings(
+        s.shadow_max_per_minute, s.shadow_fraction, s.shadow_noise_every, deadline=s.compose_deadline,
+        thresholds=Thresholds(s.shadow_min_psnr, s.shadow_min_ssim)), migrating.on_shadow)
+    log.info("gradual migration on: V2 side by side", v2_upstream=s.v2_upstream, default=router.rules.default.stage,
+             v2_gone=router.gone)
+    yield
+    await migrating.close()
+
+
+def _image_fetcher(app: web.Application, upstream: str) -> ImageFetcher:
+    """Fetches images from `upstream`'s origin and the configured image origins and hosts only."""
+    s = app[SETTINGS]
+    origins = AllowedOrigins.configure(upstream, s.image_origins, s.image_hosts, s.image_private_addresses)
+    return ImageFetcher(app[SESSION], origins, s.image_max_mb * MiB, s.image_fetch_timeout,
+                        observe=app[METRICS].observe_upstream)
+
+
+async def _refresh_router(app: web.Application) -> None:
+    labels = {**app[SETTINGS].client_labels, **await app[USAGE].store.labels()}
+    await app[ROUTER].refresh(labels)
+
+
 async def executor(app: web.Application) -> AsyncIterator[None]:
     """A bounded thread pool for the image steps, off the event loop."""
     with ThreadPoolExecutor(app[SETTINGS].compose_workers, thread_name_prefix="compose") as pool:
@@ -247,12 +301,10 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     """The composed path: the engine, on the V3 client, the stores and the thread pool, and its
     worker, which moves composed tasks on in the background until the app stops."""
     s = app[SETTINGS]
-    origins = AllowedOrigins.configure(app[UPSTREAM_URL], s.image_origins, s.image_hosts, s.image_private_addresses)
+    fetcher = _image_fetcher(app, app[UPSTREAM_URL])
     if not s.emulate_v3 and not (s.image_origins or s.image_hosts):
         log.warning("composed tasks can fetch V3 images from the upstream's origin only; "
-                    "set UPSCALE_PROXY_IMAGE_ORIGINS to the origin of V3's image URLs", allowed=str(origins))
-    fetcher = ImageFetcher(app[SESSION], origins, s.image_max_mb * MiB, s.image_fetch_timeout,
-                           observe=app[METRICS].observe_upstream)
+                    "set UPSCALE_PROXY_IMAGE_ORIGINS to the origin of V3's image URLs", allowed=str(app[UPSTREAM_URL]))
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
         EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,
@@ -305,6 +357,9 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(periodic("usage prune", 3600, _prune_usage))
     app.cleanup_ctx.append(periodic("clients by readiness", CLIENTS_GAUGE_EVERY, usage_api.count_clients))
     app.cleanup_ctx.append(upstream_client)
+    if settings.v2_upstream:
+        app.cleanup_ctx.append(migration)
+        app.cleanup_ctx.append(periodic("migration refresh", 1.0, _refresh_router))
     app.cleanup_ctx.append(executor)
     app.cleanup_ctx.append(task_engine)
     app.cleanup_ctx.append(periodic("sweep", settings.sweep_interval, _sweep))
@@ -321,7 +376,8 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
 async def _ready(app: web.Application) -> None:
     app[FINGERPRINT] = Fingerprinter(app[SECRET])
     app[edge.EDGE] = edge.EdgeParts(app[FINGERPRINT], app[METRICS], app[DEPRECATION],
-                                    app[BROWNOUTS], app[LIMITS], app[MAPPINGS].errors, app[USAGE].tallies)
+                                    app[BROWNOUTS], app[LIMITS], app[MAPPINGS].errors, app[USAGE].tallies,
+                                    app[MIGRATION].after_call if MIGRATION in app else None)
     app[READINESS].state = "ready"
 
 

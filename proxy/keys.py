@@ -10,6 +10,10 @@ from proxy.deprecation import Brownouts, Deprecation
 from proxy.fingerprint import Fingerprinter
 from proxy.mappings import Mappings
 from proxy.metrics import Metrics
+from proxy.migration.legacy import LegacyV2
+from proxy.migration.router import Router
+from proxy.migration.service import Migration
+from proxy.migration.store import MigrationStore
 from proxy.settings import Settings
 from proxy.stores import ResultStore, TaskStore
 from proxy.usage.service import Usage
@@ -59,6 +63,11 @@ READINESS = web.AppKey("readiness", Readiness)
 # with Redis only: results every replica reads (proxy.stores.redis.RedisSharedResults, typed loosely
 # here so that redis is imported only when configured), for the poll cache and the task engine
 SHARED_RESULTS = web.AppKey("shared_results", object)
+# with a legacy V2 only (UPSCALE_PROXY_V2_UPSTREAM): the migration's store, its router, the V2 side
+MIGRATION_STORE = web.AppKey("migration_store", MigrationStore)
+ROUTER = web.AppKey("router", Router)
+MIGRATION = web.AppKey("migration", Migration)  # what follows calls and shadow comparisons
+LEGACY = web.AppKey("legacy", LegacyV2)
 
 # per V2 request, set by the edge: the caller, and the audit record handlers add to
 CALLER = web.RequestKey("caller", Caller)

@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.envtypes import CommaList, JsonDict, JsonList, host_name
+from proxy.migration.stages import Rules
 from proxy.translate.features import REGISTRY, Policy
 from proxy.translate.profiles import DEFAULT_PROFILE, PROFILES, ProfileName
 
@@ -239,6 +240,53 @@ class Settings(_PolicySettings):
         default_factory=dict, description="JSON object: key fingerprint -> a readable name, shown wherever the "
         "fingerprint is (the admin API's names take precedence)"
     )
+    # gradual migration: the legacy V2 side by side (proxy/migration)
+    v2_upstream: str | None = Field(
+        None, description="base URL of the legacy V2 API; set, each client is served by the side its stage says "
+        "(unset: every call is translated)"
+    )
+    migration_file: Path | None = Field(
+        None, description="TOML file of the clients' stages (legacy, shadow, canary, translated) and the default"
+    )
+    allow_route_header: bool = Field(
+        False, description="every client may force a side per call with X-Upscale-Proxy-Route: legacy | v3 (else "
+        "only clients whose rule allows it)"
+    )
+    route_ttl: float = Field(
+        7 * 86400, gt=0, le=30 * 86400, description="seconds the side that took a task is remembered for its polls"
+    )
+    v2_gone_after: float = Field(
+        3600.0, gt=0, le=30 * 86400, description="seconds the legacy V2 may stay unreachable before it is taken to be "
+        "gone and every client is translated (a 404 or 410 to an upscale says so at once)"
+    )
+    shadow_max_per_minute: int = Field(
+        10, ge=0, le=100000, description="shadow comparisons started per minute and process, at most (each costs "
+        "the translation's V3 jobs)"
+    )
+    shadow_fraction: float = Field(1.0, ge=0, le=1, description="share of the calls of a client in shadow (or of a "
+                                   "canary's V2 share) that are shadowed, within the per-minute cap")
+    shadow_noise_every: int = Field(
+        20, ge=0, le=100000, description="every Nth shadow also sends its body to V2 twice, to measure how far V2 "
+        "differs from itself (0: never)"
+    )
+    shadow_min_psnr: float = Field(40.0, ge=0, le=100, description="PSNR (dB) at or above which two images match")
+    shadow_min_ssim: float = Field(0.98, ge=0, le=1, description="SSIM at or above which two images match")
+    rollback_window: int = Field(20, ge=1, le=10000, description="the last calls (and comparisons) of a client a "
+                                 "rollback is judged on")
+    rollback_min_calls: int = Field(5, ge=1, le=10000, description="calls in the window before a rollback is judged")
+    rollback_max_failure_rate: float = Field(
+        0.2, ge=0, le=1, description="share of a canary or translated client's translated calls that may fail "
+        "before it steps back a stage"
+    )
+    rollback_max_mismatch_rate: float = Field(
+        0.2, ge=0, le=1, description="share of a canary or translated client's shadow comparisons that may "
+        "mismatch before it steps back a stage"
+    )
+    rollback_hold: float = Field(86400.0, ge=0, le=365 * 86400, description="seconds a client that was rolled back "
+                                 "is not promoted again")
+    promote_after: int = Field(0, ge=0, le=100000, description="matching shadow comparisons in a row after which a "
+                               "client in shadow steps forward to canary (0: never on its own)")
+    promote_percent: int = Field(10, ge=0, le=100, description="the canary share of a client promoted from shadow")
     admin_token: SecretStr | None = Field(
         None, description="token of the dashboard, /_proxy/usage and the admin API (Bearer, or the login form); "
         "unset: one is made at start and the log line announcing the dashboard carries its URL"
@@ -362,6 +410,14 @@ class Settings(_PolicySettings):
             raise ValueError("has bytes that are not UTF-8") from None
         return value
 
+    @field_validator("migration_file")
+    @classmethod
+    def _migration_file(cls, value: Path | None) -> Path | None:
+        """Read once here, so that a bad file stops the start naming the setting and what is wrong."""
+        if value is not None:
+            Rules.load(value)
+        return value
+
     @field_validator("admin_token")
     @classmethod
     def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -370,9 +426,11 @@ class Settings(_PolicySettings):
             raise ValueError("must be 16 to 512 printable ASCII characters, no spaces (unset it to have one made)")
         return value
 
-    @field_validator("upstream")
+    @field_validator("upstream", "v2_upstream")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         url = HttpUrl(value)  # raises with a clear message for anything that is not http(s)
         if url.query or url.fragment:
             raise ValueError("the upstream is a base URL: no query or fragment")

@@ -135,6 +135,8 @@ def test__serve_with_a_policy_the_unit_does_not_allow__exits_2_naming_the_variab
 BAD_BY_NAME = {
     "host": ["", "not a host!", "\udcff"],
     "upstream": ["not a url", "ftp://example.com", ""],
+    "v2_upstream": ["not a url", "ftp://example.com", "", "http://127.0.0.1:9/?q=1"],
+    "migration_file": ["/nonexistent/migration.toml"],
     "public_url": ["not a url", "ftp://example.com", ""],
     "face_restorer_url": ["not a url", "ftp://example.com", ""],
     "successor_url": ["not a url", "ftp://example.com", ""],

@@ -9,6 +9,8 @@ What is counted, per (client, hour), as named counts (the store's fields):
     jobs                        the V3 jobs the V2 calls cost
     v3|<method>|<status>        calls on the /v3 pass-through: a client moving to V3
     ua|<user agent>             user agents, the first UA_TOP of an hour by name, the rest as ua|other
+    shadow|<outcome>            shadow comparisons: match, explained, mismatch, error
+    shadowf|<name>|<outcome>    the features that explained a comparison's difference
     body|<shape>                the V2 bodies' shapes (fields but the image, and the image's format
                                 and size), the first SHAPES_TOP of an hour: the snippets' source
 
@@ -112,6 +114,14 @@ class Tallies:
         tally = self._tally(client, now)
         tally.last_v3 = now
         tally.counts[v3_field(method, status)] += 1
+
+    def shadow(self, client: str | None, outcome: str, features: tuple[str, ...] = ()) -> None:
+        """A shadow comparison's outcome (match, explained, mismatch, error), and the features that
+        explained it."""
+        counts = self._tally(client, self._clock()).counts
+        counts[f"shadow|{outcome}"] += 1
+        for name in features:
+            counts[f"shadowf|{name}|{outcome}"] += 1
 
     def take(self) -> dict[Key, Tally]:
         """What was counted since the last take; counting starts afresh."""

@@ -278,7 +278,7 @@ async def client(store: UsageStore, ctx: Context, name: str, days: int = 30) -> 
     series_days = list(range(first_day, day_of(ctx.now) + DAY, DAY))
     shapes = Counter({k[5:]: n for k, n in found.counts.items() if k.startswith("body|")})
     return {
-        **row, "days": days,
+        **row, "days": days, "sunset": ctx.sunset.isoformat() if ctx.sunset else None,
         "daily": {"days": series_days, "v2": [found.daily.get(d, 0) for d in series_days],
                   "v3": [found.daily_v3.get(d, 0) for d in series_days]},
         "shapes": [{"shape": shape, "calls": n} for shape, n in shapes.most_common()],

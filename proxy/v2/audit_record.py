@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # attributes that appear in the event only once something has set them
 _WHEN_SET = ("fields", "features", "warnings", "task_id", "v3_task_ids", "v3_jobs", "upstream_status",
-             "poll_cache", "ride_through", "msg")
+             "poll_cache", "ride_through", "stage", "served_by", "msg")
 
 
 @dataclass(slots=True)
@@ -36,6 +36,10 @@ class AuditRecord:
     poll_cache: str | None = None  # a direct poll: miss | shared | hit (proxy/v2/poll_cache.py)
     # a poll that could not reach V3 or the store: last_known | unseen | past_grace (proxy/v2/last_known.py)
     ride_through: str | None = None
+    # with a legacy V2 (proxy/migration): the client's stage (or forced, v2-gone), and the side that served
+    stage: str | None = None
+    served_by: str | None = None  # legacy; None: the translation (V3), as without a legacy V2
+    task_status: int | None = None  # a poll's answer: the task's V2 status (not in the event)
     # the edge, when the call ends
     v2_code: int = 0
     msg: str | None = None  # what the client was told, when the call failed

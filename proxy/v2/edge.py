@@ -27,6 +27,7 @@ code -1, never shown to the client.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -41,6 +42,7 @@ from proxy.keys import AUDIT, CALLER, Caller
 from proxy.limits import Limits, Overloaded
 from proxy.mappings import ErrorTable
 from proxy.metrics import Metrics
+from proxy.migration.router import SERVED_BY_HEADER
 from proxy.redact import redact
 from proxy.translate.errors import to_v2_error
 from proxy.translate.progress import failed_progress
@@ -71,6 +73,8 @@ class EdgeParts:
     limits: Limits
     errors: ErrorTable
     usage: Tallies
+    # with a legacy V2: the migration's look at each answered call (proxy/migration/service.py)
+    after_call: Callable[[str | None, str | None, int, str | None, int | None], None] | None = None
 
 
 EDGE = web.AppKey("edge", EdgeParts)
@@ -100,12 +104,15 @@ async def v2_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         except Exception as e:  # every error becomes a V2 body, here and nowhere else
             response = v2_error(request, e, audit, parts.errors)
         parts.deprecation.apply(response.headers, endpoint)
+        response.headers[SERVED_BY_HEADER] = audit.served_by or "v3"
     finally:
         metrics.calls_in_flight -= 1
     metrics.count_v2_call(endpoint or "unknown", audit.final_path, audit.v2_code, audit.fingerprint)
     logs.audit(audit.event(time.perf_counter()))
     parts.usage.v2_call(audit.fingerprint, endpoint or "unknown", audit.v2_code, audit.user_agent,
                         audit.features, audit.v3_jobs or 0, audit.shape)
+    if parts.after_call is not None and endpoint in ("upscale", "progress"):
+        parts.after_call(audit.fingerprint, audit.served_by, audit.v2_code, audit.task_id, audit.task_status)
     return response
 
 

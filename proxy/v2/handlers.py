@@ -1,9 +1,14 @@
-"""The /v2 handlers: parse, translate, call upstream (or the composer), reply. Errors are V2Error."""
+"""The /v2 handlers: parse, translate, call upstream (or the composer), reply. Errors are V2Error.
+
+With a legacy V2 (UPSCALE_PROXY_V2_UPSTREAM), the router first says which side serves the call
+(proxy/migration/router.py): the legacy side forwards it to V2 as sent and passes V2's reply back;
+the V3 side is everything else here."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import NamedTuple
 
 from aiohttp import web
 from yarl import URL
@@ -16,18 +21,24 @@ from proxy.keys import (
     CALLER,
     DIRECT,
     LAST_KNOWN,
+    LEGACY,
     MAPPINGS,
     METRICS,
+    MIGRATION,
+    ROUTER,
     SETTINGS,
     TASKS,
     TRANSLATOR,
 )
+from proxy.migration.legacy import LegacyGone, LegacyUnavailable
+from proxy.migration.router import ROUTE_HEADER
 from proxy.redact import redact
 from proxy.translate.progress import progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
 from proxy.v2.edge import log_v3_failure
 from proxy.v2.reply import v2_reply
+from proxy.v2.translation import Translation
 from proxy.v3.errors import V3Error
 
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -74,25 +85,79 @@ def _local_address(request: web.Request) -> tuple[str, int | None]:
 async def upscale(request: web.Request) -> web.Response:
     app = request.app
     key = api_key(request)
-    doc, image_b64, head = split_image(await request.read())
+    router = app.get(ROUTER)
+    if router is not None:
+        side, request[AUDIT].stage = router.submission(request[CALLER].fingerprint, request.headers.get(ROUTE_HEADER))
+        if side == "legacy" and (served := await legacy_upscale(request)) is not None:
+            return served
     audit = request[AUDIT]
-    translation = app[TRANSLATOR].translate(doc, image_b64, head)
-    plan, image_b64, audit.fields, audit.shape = translation.plan, translation.image_b64, translation.fields, \
-        translation.shape
+    translation = app[TRANSLATOR].translate(*split_image(await request.read()))
+    plan, audit.fields, audit.shape = translation.plan, translation.fields, translation.shape
     audit.features, audit.warnings = dict(plan.decisions), list(plan.warnings)
+    audit.path_taken = plan.path
+    done = await submit_translation(app, translation, key, request[CALLER].fingerprint)
+    audit.task_id, audit.upstream_status, audit.v3_task_ids, audit.v3_jobs = done
+    if router is not None:
+        await router.took(done.task_id, "v3")
+    return v2_reply(data={"task_id": done.task_id, "warn": plan.warn})
+
+
+class Submitted(NamedTuple):
+    task_id: str
+    upstream_status: int | None  # the direct path's V3 status
+    v3_task_ids: list[str] | None  # a composed task's first V3 jobs
+    v3_jobs: int  # every V3 job the task costs, its later passes counted
+
+
+async def submit_translation(app: web.Application, translation: Translation, key: str,
+                             fingerprint: str | None) -> Submitted:
+    """The translation's submission (a client's, or a shadow's): one V3 job, or a composed task."""
+    plan, image_b64 = translation.plan, translation.image_b64
     if plan.direct:
         if plan.v3_input == "pixels":
             image_b64 = await app[TASKS].v3_input(image_b64, plan.read)
-        audit.path_taken = "direct"
-        task_id, audit.upstream_status = await app[DIRECT].submit(plan.direct, image_b64, key,
-                                                                  request[CALLER].fingerprint)
-        audit.v3_jobs = 1
-    else:
-        audit.path_taken = "composed"
-        task_id, audit.v3_task_ids = await app[TASKS].submit(plan, image_b64, key, request[CALLER].fingerprint)
-        audit.v3_jobs = sum(len(branch.v3_jobs) for branch in plan.branches)
-    audit.task_id = task_id
-    return v2_reply(data={"task_id": task_id, "warn": plan.warn})
+        task_id, status = await app[DIRECT].submit(plan.direct, image_b64, key, fingerprint)
+        return Submitted(task_id, status, None, 1)
+    task_id, firsts = await app[TASKS].submit(plan, image_b64, key, fingerprint)
+    return Submitted(task_id, None, firsts, sum(len(branch.v3_jobs) for branch in plan.branches))
+
+
+async def legacy_upscale(request: web.Request) -> web.Response | None:
+    """The legacy side of a submission: V2's own reply, as it came. None when V2 turns out to be
+    gone: the router falls forward, and the call is translated instead."""
+    app, audit = request.app, request[AUDIT]
+    body = await request.read()
+    try:
+        reply = await app[LEGACY].call(request, body)
+    except LegacyGone as e:
+        await app[ROUTER].fall_forward(str(e))
+        return None
+    except LegacyUnavailable as e:
+        raise V2Error(V2Code.HOST_UNAVAILABLE, f"legacy V2 unreachable: {e}") from e
+    audit.served_by, audit.path_taken = "legacy", "legacy"
+    doc = reply.doc() or {}
+    audit.v2_code = doc.get("code", 0) if isinstance(doc.get("code"), int) else -1
+    task_id = (doc.get("data") or {}).get("task_id") if isinstance(doc.get("data"), dict) else None
+    if audit.v2_code == 0 and isinstance(task_id, str) and TASK_ID.fullmatch(task_id):
+        audit.task_id = task_id
+        await app[ROUTER].took(task_id, "legacy")
+        if audit.stage in ("shadow", "canary"):  # V2 serves it: the translation runs beside it, to compare
+            app[MIGRATION].shadows.start(body, api_key(request), request[CALLER].fingerprint, task_id)
+    audit_translation(app, body, audit)
+    return reply.response()
+
+
+def audit_translation(app: web.Application, body: bytes, audit) -> None:
+    """What the translation would make of a body V2 served: its features and shape, for the audit
+    and the usage store, so a legacy client's readiness is known before it moves."""
+    try:
+        translation = app[TRANSLATOR].translate(*split_image(body))
+    except V2Error as e:
+        if e.feature is not None:
+            audit.features = {e.feature: "refused"}
+        return
+    audit.fields, audit.shape = translation.fields, translation.shape
+    audit.features, audit.warnings = dict(translation.plan.decisions), list(translation.plan.warnings)
 
 
 async def progress(request: web.Request) -> web.Response:
@@ -106,6 +171,9 @@ async def progress(request: web.Request) -> web.Response:
     audit = request[AUDIT]
     audit.task_id = task_id
     fingerprint = request[CALLER].fingerprint
+    router = app.get(ROUTER)
+    if router is not None and await router.poll(task_id, fingerprint, request.headers.get(ROUTE_HEADER)) == "legacy":
+        return await legacy_progress(request, task_id)
     try:
         data = await _progress_data(request, task_id, key, fingerprint)
     except (V3Error, StoreUnavailable) as e:
@@ -114,14 +182,39 @@ async def progress(request: web.Request) -> web.Response:
         # V3 or the store can't be reached now: the task's last known state, never the fault
         if isinstance(e, V3Error):
             log_v3_failure(request, e)
-        why = redact(f"V3: {e}", key) if isinstance(e, V3Error) else e.msg
-        data, audit.ride_through = app[LAST_KNOWN].stand_in(task_id, fingerprint, why)
         audit.upstream_status = e.status if isinstance(e, V3Error) else None
-        audit.msg = why
-        app[METRICS].poll_ride_through.labels(audit.ride_through).inc()
+        data = ride_through(request, task_id, redact(f"V3: {e}", key) if isinstance(e, V3Error) else e.msg)
     else:
         app[LAST_KNOWN].answered(task_id, fingerprint, data)
+        audit.task_status = data["status"]
     return v2_reply(data=data)
+
+
+def ride_through(request: web.Request, task_id: str, why: str) -> dict:
+    """The data of a poll that could not learn its task's state (proxy/v2/last_known.py)."""
+    audit = request[AUDIT]
+    data, audit.ride_through = request.app[LAST_KNOWN].stand_in(task_id, request[CALLER].fingerprint, why)
+    audit.msg = why
+    request.app[METRICS].poll_ride_through.labels(audit.ride_through).inc()
+    return data
+
+
+async def legacy_progress(request: web.Request, task_id: str) -> web.Response:
+    """The legacy side of a poll: V2's own reply; through a V2 outage, the task's last known state."""
+    app, audit = request.app, request[AUDIT]
+    audit.served_by, audit.path_taken = "legacy", "legacy"
+    try:
+        reply = await app[LEGACY].call(request, None)
+    except LegacyGone as e:
+        await app[ROUTER].fall_forward(str(e))
+        raise V2Error(V2Code.TASK_ID_NOT_EXIST, "the legacy V2 that took this task is gone: submit it again") from e
+    except LegacyUnavailable as e:
+        return v2_reply(data=ride_through(request, task_id, f"legacy V2: {e}"))
+    doc = reply.doc() or {}
+    audit.v2_code = doc.get("code", 0) if isinstance(doc.get("code"), int) else -1
+    if audit.v2_code == 0 and isinstance(doc.get("data"), dict):
+        app[LAST_KNOWN].answered(task_id, request[CALLER].fingerprint, doc["data"])
+    return reply.response()
 
 
 async def _progress_data(request: web.Request, task_id: str, key: str, fingerprint: str | None) -> dict:

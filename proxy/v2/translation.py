@@ -21,7 +21,6 @@ from proxy.v2.body import split_image
 from proxy.v2.image import ImageInfo, probe
 from proxy.v2.models import V2_FIELDS, V2UpscaleOptions, validate_options
 
-
 PLANS_KEPT = 1024  # distinct (body fields, image shape) pairs whose Plan is kept
 # what the planner may read of an image: all of ImageInfo but its size in bytes
 _SHAPE = tuple(f.name for f in fields(ImageInfo) if f.name != "nbytes")

@@ -19,26 +19,16 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.headers import end_to_end
 from proxy.keys import FINGERPRINT, METRICS, SESSION, UPSTREAM_URL, USAGE
 from proxy.limits import LIMITS, BodyStream, BodyTimeout, Overloaded
 from proxy.redact import redact
 
-# RFC 9110 section 7.6.1, plus what aiohttp sets itself for each hop
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade", "host",
-})
 CHUNK = 64 * 1024
 MAX_ERROR_BODY = 256 * 1024  # an error reply longer than this is replaced by the proxy's own
 log = structlog.get_logger("proxy")
-
-
-def _end_to_end(headers: CIMultiDict | dict) -> CIMultiDict:
-    listed = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP | listed)
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
@@ -75,7 +65,7 @@ async def _scrubbed_error(upstream: aiohttp.ClientResponse, key: str | None) -> 
         raw += chunk
         if len(raw) > MAX_ERROR_BODY:
             break
-    headers = _end_to_end(upstream.headers)
+    headers = end_to_end(upstream.headers)
     headers.popall("Content-Length", None)
     encoding = headers.popall("Content-Encoding", ["identity"])[-1].strip().lower()
     body = _decoded(bytes(raw), encoding)
@@ -100,7 +90,6 @@ def _decoded(body: bytes, encoding: str) -> bytes | None:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     app = request.app
-    metrics = app[METRICS]
     body: BodyStream | None = None
     if request.body_exists:
         # A call with a body is a submission, under the limits a V2 one is under (proxy/limits.py),
@@ -140,7 +129,7 @@ async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamR
     metrics.calls_in_flight += 1
     try:
         async with app[SESSION].request(
-            request.method, url, headers=_end_to_end(request.headers), data=body.chunks() if body else None,
+            request.method, url, headers=end_to_end(request.headers), data=body.chunks() if body else None,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             auto_decompress=False, allow_redirects=False,
         ) as upstream:
@@ -148,7 +137,7 @@ async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamR
                 response = await _scrubbed_error(upstream, key)
             else:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                              headers=_end_to_end(upstream.headers))
+                                              headers=end_to_end(upstream.headers))
                 if upstream.content_length is not None:
                     response.content_length = upstream.content_length
                 await response.prepare(request)
