@@ -646,3 +646,23 @@ async def test__replies__are_the_documented_ones(emulator, start_proxy):
                                   ({"nope": 1}, BEARER, 400), ({"label": "x"}, {}, 401)):
         resp, _ = await call(client, "PUT", f"/_proxy/clients/{me}/label", put, json=body, headers=headers)
         assert resp.status == status
+
+
+async def test__redirects__stay_on_this_proxy_and_carry_no_header(emulator, start_proxy):
+    server, _ = emulator
+    client = await start_proxy(str(server.make_url("")), admin_token=TOKEN)
+    for target in ("https://elsewhere.example/", "//elsewhere.example/x", "/_proxy/x\r\nSet-Cookie: a=b",
+                   "/_proxy/a\\b", "/v2/upscale"):
+        async with client.post("/_proxy/login", data={"token": TOKEN, "next": target}, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/_proxy/dashboard", target
+    async with client.get(f"/_proxy/dashboard/clients/%0d%0aSet-Cookie:%20a=b?token={TOKEN}&days=7",
+                          allow_redirects=False) as resp:
+        assert resp.status == 303 and "a=b" not in resp.cookies
+        assert resp.headers["Location"].lower() == "/_proxy/dashboard/clients/%0d%0aset-cookie:%20a=b?days=7"
+    client.session.cookie_jar.clear()  # logged out again
+    async with client.get("/_proxy/dashboard/clients/%0d%0a", allow_redirects=False) as resp:
+        assert resp.status == 303 and "\n" not in resp.headers["Location"]
+    # a refused form post comes back to the overview after the login, not to a URL that only takes POST
+    async with client.post("/_proxy/dashboard/clients/unidentified/label", data={"label": "x"},
+                           allow_redirects=False) as resp:
+        assert resp.status == 303 and resp.headers["Location"] == "/_proxy/login?next=%2F_proxy%2Fdashboard"

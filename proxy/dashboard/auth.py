@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -131,16 +132,17 @@ def end_session(response: web.StreamResponse) -> None:
     response.del_cookie(COOKIE, path="/_proxy")
 
 
+_LOCAL = re.compile(r"/_proxy/[!-\[\]-~]*")  # printable ASCII, no space, no backslash: never another site or header
+
+
 def safe_next(target: str | None) -> str:
-    """Where to go after logging in: a path of this proxy's pages only, never another site."""
-    if target and target.startswith("/_proxy/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return HOME
+    """Where to go after logging in: a path of this proxy's pages only."""
+    return target if target and _LOCAL.fullmatch(target) else HOME
 
 
 def _without_token(request: web.Request) -> str:
     rest = [(k, v) for k, v in request.query.items() if k != "token"]
-    return request.path + ("?" + urlencode(rest) if rest else "")
+    return request.rel_url.raw_path + ("?" + urlencode(rest) if rest else "")  # still percent-encoded
 
 
 def page(handler: Handler) -> Handler:
@@ -161,7 +163,7 @@ def page(handler: Handler) -> Handler:
         via = authorized(request)
         if via not in ("bearer", "session"):
             refused(request, via)
-            return _to_login(request.path_qs)
+            return _to_login(request.rel_url.raw_path_qs if request.method == "GET" else HOME)
         return await handler(request)
 
     return guarded
