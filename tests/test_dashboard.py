@@ -323,6 +323,9 @@ def rows(driver) -> list[str]:
 def test__pages__render_for_an_operator_logged_in_through_the_form(live, browser, shots, log_lines):
     from selenium.webdriver.common.by import By
 
+    browser.delete_all_cookies()
+    browser.get(f"{live.url}/_proxy/login")
+    screenshot(browser, shots, "login")
     log_in(browser, live.url)
     cookie = browser.get_cookie(auth.COOKIE)
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
