@@ -4,9 +4,10 @@ Rollback: a client in `canary` or `translated` whose calls served by the transla
 whose shadow comparisons mismatch, above a rate over its last `window` of them (at least
 `min_calls` seen) steps back one stage, with the figures that made it in the verdict.
 
-A failure is a translated call the translation made fail, not one the client did: V2 codes -1, 2,
-5, 9 and 10 (internal, a model it did not know, unavailable, a timeout, a feature refused) and a
-task that ended status 3 or 4. Codes 1, 3, 4, 6, 7 answer the client's own request, as V2 did.
+A translated call counts once per task: a submission the translation failed, with V2 code -1, 2,
+5, 9 or 10 (internal, a model it did not know, unavailable, a timeout, a feature refused), or the
+task's final status, a failure when 3 or 4. Codes 1, 3, 4, 6, 7 answer the client's own request,
+as V2 did, and do not count.
 
 Promotion (optional, `promote_after` > 0): a client in `shadow` whose last `promote_after`
 comparisons all matched (or were explained) steps forward to `canary`, unless a rollback holds it

@@ -48,7 +48,9 @@ class LegacyReply:
             doc = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             return None
-        return doc if isinstance(doc, dict) and "code" in doc else None
+        if isinstance(doc, dict) and {"code", "msg", "data"} <= doc.keys() and isinstance(doc["code"], int):
+            return doc
+        return None
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, headers=self.headers, body=self.body)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import structlog
 
-from proxy.migration.health import Health, Step
+from proxy.migration.health import FAILURE_CODES, Health, Step
 from proxy.migration.router import Router
 from proxy.migration.shadow import ShadowResult, Shadows
 from proxy.migration.stages import Rule, step_back, step_forward
@@ -62,10 +62,14 @@ class Migration:
     def after_call(self, fingerprint: str | None, served_by: str | None, code: int, task_id: str | None,
                    status: int | None) -> None:
         """A V2 call answered (the edge, for every call): a translated one of a client in canary or
-        translated goes to the judge; a task's final status counts once."""
+        translated goes to the judge, once per task: a submission the translation failed, or the
+        final status of a task (its first final poll)."""
         if fingerprint is None or served_by == "legacy":
             return
-        if status is not None:
+        if status is None:  # a submission, or a poll answered with an error code
+            if code not in FAILURE_CODES:
+                return
+        else:
             if status < 2 or task_id is None or task_id in self._judged:
                 return
             self._judged[task_id] = None

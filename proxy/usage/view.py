@@ -174,6 +174,7 @@ def _row(client: _Client, label: str, ctx: Context) -> dict:
         "last_v2": iso(seen.last_v2), "last_v3": iso(seen.last_v3),
         "endpoints": _by(counts, "v2", 1), "v2_codes": _by(counts, "v2", 2), "v3_calls_by_status": _by(counts, "v3", 2),
         "features": _features(counts), "user_agents": _by(counts, "ua", 1), "fields": _fields(counts),
+        "shadow": _by(counts, "shadow", 1),  # shadow comparisons by outcome (proxy/migration)
     }
 
 
