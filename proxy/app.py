@@ -77,8 +77,8 @@ from proxy.v3.client import V3Client
 from proxy.v3.models import TaskResult
 from proxy.v3.passthrough import passthrough
 
-if TYPE_CHECKING:  # the emulator itself is imported only under --emulate-v3
-    from proxy.emulator import EmulatorSettings
+if TYPE_CHECKING:  # the emulators themselves are imported only under --emulate-v3 / --emulate-v2
+    from proxy.emulator import EmulatorSettings, LegacySettings
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 MiB = 1024 * 1024
@@ -175,6 +175,26 @@ def embedded_emulator(settings: EmulatorSettings | None) -> CleanupCtx:
         port = runner.addresses[0][1]
         app[UPSTREAM_URL] = str(yarl.URL.build(scheme="http", host=s.host, port=port))
         log.info("emulator listening", url=app[UPSTREAM_URL])
+        yield
+        await runner.cleanup()
+
+    return ctx
+
+
+def embedded_legacy_v2(settings: LegacySettings | None) -> CleanupCtx:
+    """`serve --emulate-v2`: the legacy V2 emulator on its own port in this process, used as the
+    V2 upstream. Started before anything reads `v2_upstream`."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from proxy.emulator import LegacySettings, create_legacy_app  # only when asked for
+
+        s = settings or LegacySettings()
+        runner = web.AppRunner(create_legacy_app(s), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, s.host, s.port).start()
+        url = str(yarl.URL.build(scheme="http", host=s.host, port=runner.addresses[0][1]))
+        app[SETTINGS].v2_upstream = url  # its port is known only now (0: any free port)
+        log.info("legacy V2 emulator listening", url=url)
         yield
         await runner.cleanup()
 
@@ -323,8 +343,10 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     await asyncio.wait([worker])
 
 
-def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None) -> web.Application:
-    """The proxy. With `settings.emulate_v3`, the emulator (`emulator` settings) is its upstream."""
+def create_app(settings: Settings | None = None, emulator: EmulatorSettings | None = None,
+               legacy: LegacySettings | None = None) -> web.Application:
+    """The proxy. With `settings.emulate_v3`, the emulator (`emulator` settings) is its upstream;
+    with `settings.emulate_v2`, the legacy V2 emulator (`legacy` settings) is its V2 upstream."""
     settings = settings or Settings()
     app = web.Application(middlewares=[edge.v2_edge], client_max_size=settings.max_body_mb * MiB)
     app[SETTINGS] = settings
@@ -352,12 +374,14 @@ def create_app(settings: Settings | None = None, emulator: EmulatorSettings | No
     app.cleanup_ctx.append(fingerprint_secret)
     if settings.emulate_v3:
         app.cleanup_ctx.append(embedded_emulator(emulator))
+    if settings.emulate_v2:
+        app.cleanup_ctx.append(embedded_legacy_v2(legacy))
     app.cleanup_ctx.append(stores)  # before the upstream client: the poll cache gets Redis's shared tier
     app.cleanup_ctx.append(periodic("usage flush", USAGE_FLUSH_EVERY, _flush_usage, last_run=True))
     app.cleanup_ctx.append(periodic("usage prune", 3600, _prune_usage))
     app.cleanup_ctx.append(periodic("clients by readiness", CLIENTS_GAUGE_EVERY, usage_api.count_clients))
     app.cleanup_ctx.append(upstream_client)
-    if settings.v2_upstream:
+    if settings.v2_upstream or settings.emulate_v2:  # the embedded V2 sets v2_upstream as it starts
         app.cleanup_ctx.append(migration)
         app.cleanup_ctx.append(periodic("migration refresh", 1.0, _refresh_router))
     app.cleanup_ctx.append(executor)

@@ -1,7 +1,8 @@
 """upscale-v2-proxy serve | emulator | translate | audit | guide | fingerprint
 
 Every option can also be set by environment variable (UPSCALE_PROXY_*, emulator:
-UPSCALE_PROXY_EMULATOR_*); an option given on the command line wins.
+UPSCALE_PROXY_EMULATOR_*, legacy V2 emulator: UPSCALE_PROXY_LEGACY_*); an option given on the
+command line wins.
 """
 
 from __future__ import annotations
@@ -41,14 +42,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="run the built-in V3 emulator in this process and use it as the upstream")
     serve.add_argument("--emulator-port", type=int, dest="emulator_port",
                        help="port of the built-in emulator with --emulate-v3 (default 9090)")
+    serve.add_argument("--emulate-v2", action="store_true", default=None,
+                       help="run the legacy V2 emulator in this process and use it as the V2 upstream")
+    serve.add_argument("--legacy-port", type=int, dest="legacy_port",
+                       help="port of the legacy V2 emulator with --emulate-v2 (default 9091)")
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="processes serving one port (SO_REUSEPORT), sharing the data directory; "
                             "0: one per CPU (default 1)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
 
-    emu = sub.add_parser("emulator", help="run the V3 emulator alone")
+    emu = sub.add_parser("emulator", help="run the V3 emulator alone (or the legacy V2 one)")
+    emu.add_argument("--legacy-v2", action="store_true",
+                     help="emulate the legacy V2 API instead (settings UPSCALE_PROXY_LEGACY_*)")
     emu.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    emu.add_argument("--port", type=int, help="port to listen on (default 9090)")
+    emu.add_argument("--port", type=int, help="port to listen on (default 9090, 9091 with --legacy-v2)")
     emu.add_argument("--queue-delay", type=float, help="seconds a task stays QUEUED")
     emu.add_argument("--process-delay", type=float, help="seconds a task stays PROCESSING")
     emu.add_argument("--quiet-env", action="store_true", help=argparse.SUPPRESS)  # serve --workers's emulator
@@ -170,10 +177,11 @@ def _fingerprint() -> None:
 def unknown_variables(environ: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
     """UPSCALE_PROXY_* variables no setting reads (a typo is otherwise ignored silently): each with
     the closest name there is, or None."""
+    from proxy.emulator.legacy_settings import LegacySettings
     from proxy.emulator.settings import EmulatorSettings
 
     known: set[str] = set()
-    for cls in (Settings, EmulatorSettings):
+    for cls in (Settings, EmulatorSettings, LegacySettings):
         prefix = cls.model_config["env_prefix"]
         known.update(f"{prefix}{name}".upper() for name in cls.model_fields)
     found = []
@@ -230,20 +238,21 @@ def main(argv: list[str] | None = None) -> None:
     log = structlog.get_logger("proxy")
 
     if command == "emulator":
-        from proxy.emulator import EmulatorSettings, create_emulator_app
+        from proxy.emulator import EmulatorSettings, LegacySettings, create_emulator_app, create_legacy_app
 
-        quiet_env = args.pop("quiet_env")
-        emulator = _settings(EmulatorSettings, args)
+        quiet_env, legacy = args.pop("quiet_env"), args.pop("legacy_v2")
+        emulator = _settings(LegacySettings if legacy else EmulatorSettings, args)
         logs.configure(log_opts["log_format"] or "auto", log_opts["log_level"] or "info")
         if not quiet_env:  # serve --workers has said it
             _warn_unknown_variables()
-        app = create_emulator_app(emulator)
+        app = create_legacy_app(emulator) if legacy else create_emulator_app(emulator)
         app.cleanup_ctx.append(logs.flush_periodically)
         run(app, emulator.host, emulator.port, lambda port: log.info(
-            "emulator listening", url=announced_url(emulator.host, port)))
+            "legacy V2 emulator listening" if legacy else "emulator listening",
+            url=announced_url(emulator.host, port)))
         return
 
-    emulator_port = args.pop("emulator_port")
+    emulator_port, legacy_port = args.pop("emulator_port"), args.pop("legacy_port")
     workers, reuse_port = args.pop("workers"), args.pop("reuse_port")
     if workers < 0:
         print("upscale-v2-proxy: --workers is a number of processes, 0 for one per CPU", file=sys.stderr)
@@ -255,6 +264,15 @@ def main(argv: list[str] | None = None) -> None:
         from proxy.emulator import EmulatorSettings
 
         emulator = _settings(EmulatorSettings, {"port": emulator_port})
+    legacy = None
+    if settings.emulate_v2:
+        if workers > 1:  # each worker would start its own V2, with its own tasks, on one port
+            print("upscale-v2-proxy: --emulate-v2 runs in one process: with --workers, run "
+                  "`upscale-v2-proxy emulator --legacy-v2` and set UPSCALE_PROXY_V2_UPSTREAM to it", file=sys.stderr)
+            raise SystemExit(2)
+        from proxy.emulator import LegacySettings
+
+        legacy = _settings(LegacySettings, {"port": legacy_port})
     logs.configure(settings.log_format, settings.log_level, shared=reuse_port or workers > 1)
     if not reuse_port:  # a worker's parent has said it
         _warn_unknown_variables()
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     from proxy.app import create_app, start_draining
 
     try:
-        app = create_app(settings, emulator)
+        app = create_app(settings, emulator, legacy)
     except MappingsError as e:
         print(f"upscale-v2-proxy: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -61,6 +61,9 @@ class Settings(_PolicySettings):
     emulate_v3: bool = Field(
         False, description="run the built-in V3 emulator in-process and use it as the upstream"
     )
+    emulate_v2: bool = Field(
+        False, description="run the legacy V2 emulator in-process and use it as v2_upstream (one process only)"
+    )
     upstream_connect_timeout: float = Field(
         5.0, gt=0, le=300, description="seconds to open a connection to the upstream"
     )

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.emulator import EmulatorSettings
+from proxy.emulator import EmulatorSettings, LegacySettings
 from proxy.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
-@pytest.mark.parametrize("cls", [Settings, EmulatorSettings])
+@pytest.mark.parametrize("cls", [Settings, EmulatorSettings, LegacySettings])
 def test__readme__documents_every_setting(cls):
     prefix = cls.model_config["env_prefix"]
     missing = [name for name in cls.model_fields if f"`{prefix}{name.upper()}`" not in README]
