@@ -51,6 +51,7 @@ async def finished(http, task_id) -> dict:
 
 @pytest.mark.parametrize(("body", "status", "reason"), [
     (v3_body(model="RealESRGAN_x4plus"), 400, "INVALID_REQUEST_BODY"),
+    (v3_body(model="weights V3 lacks"), 400, "INVALID_REQUEST_BODY"),  # the legacy V2's filter, not V3's
     (v3_body(factor=1), 400, "INVALID_REQUEST_BODY"),
     (v3_body(factor=4.01), 400, "INVALID_REQUEST_BODY"),
     (v3_body(image_type="gif"), 400, "INVALID_REQUEST_BODY"),
