@@ -329,7 +329,7 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
         EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,
                        webhook_fallback=s.webhook_fallback, png_compress_level=s.png_compress_level,
-                       max_tasks=s.compose_max_tasks, outage_grace=s.poll_outage_grace,
+                       max_tasks=s.compose_max_tasks, store_wait=s.redis_timeout, outage_grace=s.poll_outage_grace,
                        breaker_cooldown=s.breaker_cooldown),
         app[MAPPINGS].task_status, webhooks=app.get(WEBHOOKS),
         faces=A1111FaceRestorer(app[SESSION], s.face_restorer_url, s.face_restorer_timeout)

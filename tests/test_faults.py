@@ -631,3 +631,28 @@ def test__last_known__a_final_answer_stands_past_any_grace_and_the_oldest_go_fir
     known.answered("t2", "fp", RUNNING)
     known.answered("t3", "fp", RUNNING)
     assert len(known) == 2 and known.stand_in("t1", "fp", "V3: down")[1] == "unseen"
+
+
+async def test__task_store_restarting__a_composed_submission_waits_for_it_and_a_longer_outage_gets_code_5(
+        start_env, tmp_path):
+    redis = RedisServer(redis_server_binary(), tmp_path / "redis")
+    redis.start()
+    try:
+        env = await start_env(redis_url=redis.url, fingerprint_secret="one secret", redis_timeout=2)
+        redis.stop(keep=True)
+        async def restart() -> None:  # back within the 2 s wait
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(redis.start)
+
+        restarted = asyncio.create_task(restart())
+        reply = await upscale(env.client, body(COMPOSED))
+        assert reply["code"] == 0, reply
+        await restarted
+        await env.finish((reply["data"]["task_id"],))
+        submits = env.fake.calls["submit"]
+        redis.stop(keep=True)  # longer than the wait: refused before V3 is asked
+        refused = await upscale(env.client, body(COMPOSED))
+        assert refused["code"] == 5 and "task store is unavailable" in refused["msg"], refused
+        assert env.fake.calls["submit"] == submits
+    finally:
+        redis.stop()

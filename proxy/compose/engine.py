@@ -45,7 +45,7 @@ from proxy.compose.faces import NO_FACES, FaceRestorationError, FaceRestorer
 from proxy.compose.fetch import FetchError, ImageFetcher
 from proxy.compose.images import PNG_LEVEL, ImageTooLarge, compose, v3_input_png
 from proxy.compose.task import ComposedTask, TaskState, new_task_id
-from proxy.errors import V2Code, V2Error, V2Status
+from proxy.errors import StoreUnavailable, V2Code, V2Error, V2Status
 from proxy.redact import redact
 from proxy.stores import ResultStore, TaskStore
 from proxy.translate.plan import Plan
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
+STORE_RETRY = 0.25  # seconds between a submission's tries of an unavailable store
 MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step, in this process
 
 
@@ -87,6 +88,7 @@ class EngineSettings:
     batch: int = 64  # due tasks taken per look
     stop_grace: float = 3.0  # at shutdown, seconds steps in flight may take to end before they are cut
     png_compress_level: int = PNG_LEVEL  # zlib level of the composed PNG (Settings.png_compress_level)
+    store_wait: float = 5.0  # seconds a submission waits for an unavailable store (Settings.redis_timeout)
     max_tasks: int | None = None  # running tasks across the task store; past it, submissions get code 5
     outage_grace: float = 300.0  # seconds V3 may stay out of reach of a task before the task fails
     breaker_cooldown: float = 10.0  # the V3 breaker's: no back-off is longer while it is open
@@ -135,21 +137,23 @@ class TaskEngine:
                      fingerprint: str) -> tuple[str, list[str]]:
         """Store the task and submit the first V3 job of each branch. -> (V2 task id, V3 job ids)"""
         task = self._new_task(plan, fingerprint)
-        # the task takes its place first: past the cap, or with the store down (Redis), the
-        # submission gets code 5 before V3 is asked, and so before anything is charged
-        if not await self._tasks.create(task.record(), self._settings.max_tasks):
+        # the task takes its place first: past the cap, or with the store down (Redis) for longer
+        # than `store_wait`, the submission gets code 5 before V3 is asked, and so before anything
+        # is charged; a store that is back within it (a Redis restart) costs the client a wait only
+        if not await self._stored(self._tasks.create, task.record(), self._settings.max_tasks):
             raise V2Error(V2Code.HOST_UNAVAILABLE, f"the proxy has {self._settings.max_tasks} composed tasks "
                           "running, as many as it takes (UPSCALE_PROXY_COMPOSE_MAX_TASKS): retry later")
         # held as a step holds a task until its first jobs are stored: a webhook that comes
         # meanwhile wakes its next step (kept in `_news`, or in the store until the save)
         self._busy.add(task.task_id)
         try:
-            if not await self._tasks.acquire(task.task_id, self._owner, self._clock(), self._settings.lease):
+            if not await self._stored(self._tasks.acquire, task.task_id, self._owner, self._clock(),
+                                      self._settings.lease):
                 raise RuntimeError("a new task's lease was taken")
             source = pybase64.b64decode(image_b64)
             if plan.v3_input == "pixels" and any(b.v3_jobs for b in plan.branches):
                 image_b64 = pybase64.b64encode(await self._v3_input_png(source, plan.read))
-            await self._results.put(f"{task.task_id}.input", source)
+            await self._stored(self._results.put, f"{task.task_id}.input", source)
             accepted = await self._submit_firsts(task, image_b64, key)
             if not await self._tasks.save(task.record(), self._owner):
                 raise RuntimeError("a new task's lease lapsed before its jobs were stored")
@@ -203,6 +207,18 @@ class TaskEngine:
             task.jobs[b].append(job_id)
             accepted.append(job_id)
         return accepted
+
+    async def _stored(self, call, *args):
+        """A store call of a submission, tried again while the store is unavailable, for up to
+        `store_wait` seconds (a Redis restart takes a few), before V3 is asked anything."""
+        give_up = time.monotonic() + self._settings.store_wait
+        while True:
+            try:
+                return await call(*args)
+            except StoreUnavailable:
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(STORE_RETRY)
 
     async def deliver(self, task_id: str, result: TaskResult) -> None:
         """A V3 job's result, sent to the webhook: the task's next step reads it, not V3. With
