@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8080
+RUN_ARGS ?=
 
 .PHONY: install run test bench clean
 
@@ -16,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# RUN_ARGS: more options of serve, e.g. RUN_ARGS=--emulate-v2 (a legacy V2 beside it: gradual migration offline)
 run: install
-	$(VENV)/bin/upscale-v2-proxy serve --emulate-v3 --host $(HOST) --port $(PORT)
+	$(VENV)/bin/upscale-v2-proxy serve --emulate-v3 --host $(HOST) --port $(PORT) $(RUN_ARGS)
 
 # the Redis stores' tests need a real redis-server, the dashboard's chromium and chromedriver: installed
 # here when root, else those tests skip (fail under CI=true)

@@ -21,7 +21,8 @@ from novita_client.proto import UpscaleResizeMode
 from proxy.emulator.legacy import LEGACY_V2, create_legacy_app
 from proxy.emulator.legacy_settings import LegacySettings
 from proxy.keys import MIGRATION, MIGRATION_STORE, RESULTS, ROUTER, USAGE
-from proxy.migration.stages import Rule, bucket
+from proxy.migration.stages import MigrationFileError, Rule, Rules, bucket
+from proxy.settings import Settings
 from tests.helpers import poll_until_done, upscale, v2_call
 from tests.images import decode, encode, pattern
 
@@ -295,3 +296,29 @@ async def test__legacy_sdk__works_unchanged_in_every_stage(start_migrating, tmp_
     assert done.data.status.value == 2
     async with proxy.session.get(done.data.imgs[0]) as resp:
         assert decode(await resp.read()).size == (30, 20)
+
+
+# --- the migration file -------------------------------------------------------------------------------
+
+def test__the_example_migration_file__is_one_the_proxy_takes():
+    rules = Rules.load(Path(__file__).parent.parent / "deploy" / "migration.example.toml")
+    assert rules.default.stage == "legacy" and rules.canary_hash == "client"
+    assert rules.by_fingerprint["0123456789abcdef"].stage == "shadow"
+    canary = rules.by_label["billing team"]
+    assert (canary.stage, canary.percent, canary.allow_route) == ("canary", 25, True)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('default = "sideways"', "default"),
+    ('[[clients]]\nstage = "shadow"', "fingerprint or its label"),
+    ('[[clients]]\nfingerprint = "xyz"\nstage = "shadow"', "clients.0.fingerprint"),
+    ('[[clients]]\nlabel = "a"\nstage = "canary"\npercent = 101', "clients.0.percent"),
+    ("default = ", "not TOML"),
+])
+def test__a_bad_migration_file__stops_the_start_naming_what_is_wrong(tmp_path, text, words):
+    path = tmp_path / "migration.toml"
+    path.write_text(text)
+    with pytest.raises(MigrationFileError, match=words):
+        Rules.load(path)
+    with pytest.raises(ValueError, match="UPSCALE_PROXY_MIGRATION_FILE|migration_file"):
+        Settings(migration_file=path)
