@@ -14,7 +14,7 @@ What is counted, per (client, hour), as named counts (the store's fields):
     body|<shape>                the V2 bodies' shapes (fields but the image, and the image's format
                                 and size), the first SHAPES_TOP of an hour: the snippets' source
 
-and the first and last time the client was seen in the hour. A failed flush gives its counts
+and when the client was first seen, and its last V2 and /v3 calls. A failed flush gives its counts
 back (`put_back`), so nothing is lost while the store is away; past MAX_CLIENTS clients in one
 batch, the rest count as "other".
 """
