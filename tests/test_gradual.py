@@ -192,6 +192,17 @@ async def test__v2_down__a_legacy_submission_gets_code_5_and_its_polls_ride_thro
     assert during == known
 
 
+async def test__v2s_own_errors_on_a_poll__transient_ones_ridden_through_others_with_data(start_migrating, legacy):
+    proxy = await start_migrating()
+    task_id, _ = await submit(proxy, "legacy")
+    known = await v2_call(proxy, "GET", f"/v2/progress?task_id={task_id}", headers=headers("legacy"))
+    legacy[1].settings.error_code, legacy[1].settings.error_endpoints = 5, ["progress"]
+    assert await v2_call(proxy, "GET", f"/v2/progress?task_id={task_id}", headers=headers("legacy")) == known
+    legacy[1].settings.error_code = 4  # v2_call checks every progress reply has data, as SDK loops need
+    refused = await v2_call(proxy, "GET", f"/v2/progress?task_id={task_id}", headers=headers("legacy"))
+    assert refused["code"] == 4 and refused["data"]["status"] == 3
+
+
 # --- shadow comparisons ---------------------------------------------------------------------------------
 
 async def comparisons(proxy, count: int) -> list[dict]:

@@ -33,7 +33,7 @@ from proxy.keys import (
 from proxy.migration.legacy import LegacyGone, LegacyUnavailable
 from proxy.migration.router import ROUTE_HEADER
 from proxy.redact import redact
-from proxy.translate.progress import progress_data
+from proxy.translate.progress import failed_progress, progress_data
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
 from proxy.v2.edge import log_v3_failure
@@ -42,6 +42,7 @@ from proxy.v2.translation import Translation
 from proxy.v3.errors import V3Error
 
 TASK_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+TRANSIENT_V2_CODES = frozenset({-1, 5, 9})  # V2's internal error, unavailable, timeout
 
 
 # a Host header: a name or an IPv4 address, or a bracketed IPv6 one; then maybe a port
@@ -211,8 +212,13 @@ async def legacy_progress(request: web.Request, task_id: str) -> web.Response:
     except LegacyUnavailable as e:
         return v2_reply(data=ride_through(request, task_id, f"legacy V2: {e}"))
     doc = reply.doc() or {}
-    audit.v2_code = doc.get("code", 0) if isinstance(doc.get("code"), int) else -1
-    if audit.v2_code == 0 and isinstance(doc.get("data"), dict):
+    code = doc.get("code", -1)
+    if code in TRANSIENT_V2_CODES:  # V2 itself could not say, this time: as through any outage
+        return v2_reply(data=ride_through(request, task_id, f"legacy V2: code {code} {doc.get('msg', '')}"))
+    audit.v2_code = code
+    if not isinstance(doc.get("data"), dict):  # V2's own errors had data: null, which SDK loops crash on
+        return v2_reply(code, doc.get("msg", ""), failed_progress(doc.get("msg", "")))
+    if code == 0:
         app[LAST_KNOWN].answered(task_id, request[CALLER].fingerprint, doc["data"])
     return reply.response()
 
