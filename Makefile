@@ -35,6 +35,7 @@ bench: install
 	$(VENV)/bin/python -m tests.bench.compose
 	$(VENV)/bin/python -m tests.bench.polls
 	$(VENV)/bin/python -m tests.bench.load
+	$(VENV)/bin/python -m tests.bench.usage
 	@echo; echo "issue 11's table again (tests/bench/run.sh, above):"; cat "$$(ls -t tests/bench/results/*.md | head -1)"
 	@# last: its own report (tests/bench/results/*-soak.md); it fails the target on client-visible failures
 	$(VENV)/bin/python -m tests.bench.soak
