@@ -490,6 +490,8 @@ class Faults:
     fake: FakeUpstream
     redis: RedisServer
     replica: Replica
+    commit: str  # the proxy's code when the run started
+    notes: list[str]  # for the report
     windows: list[Window] = field(default_factory=list)
 
     def _begin(self, name: str, what: str, v3: bool = False) -> Window:
@@ -527,6 +529,8 @@ class Faults:
         w = self._begin(f"{self.replica.name} SIGKILLed", f"kill -9 of {self.replica.name} (port {self.replica.port})")
         self.replica.kill()
         await asyncio.sleep(seconds)
+        if (commit := proxy_commit()) != self.commit:  # the proxy changed meanwhile: this replica runs the new one
+            self.notes.append(f"{self.replica.name} was started again with the proxy at {commit}.")
         await self.replica.start()
         self._end(w, f"{self.replica.name} started again on port {self.replica.port}, same data dir")
 
@@ -641,12 +645,15 @@ def _generic(cause: str) -> str:
     return re.sub(r"\b\d+(\.\d+)? s\b", "N s", cause)
 
 
-def header(a: argparse.Namespace, seconds: float, notes: list[str]) -> list[str]:
-    """What ran, on what, at which commit of the proxy (the proxy may be mid-change: say so)."""
+def proxy_commit() -> str:
+    """The proxy's code as the replicas load it: its commit, and whether proxy/ differs from it."""
     git = lambda *args: subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD")
-    if git("status", "--porcelain", "proxy"):
-        commit += " with uncommitted changes in proxy/"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" with uncommitted changes in proxy/" if git("status", "--porcelain", "proxy") else "")
+
+
+def header(a: argparse.Namespace, seconds: float, commit: str, notes: list[str]) -> list[str]:
+    """What ran, on what, at which commit of the proxy (read as the replicas started)."""
     m = machine()
     return [f"# Soak with faults: {seconds / 60:g} min, {m['date']}", "",
             f"Proxy at {commit}; {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, aiohttp {m['aiohttp']}. "
@@ -660,14 +667,14 @@ def header(a: argparse.Namespace, seconds: float, notes: list[str]) -> list[str]
 
 
 def report(a: argparse.Namespace, lb: Balancer, fake: FakeUpstream, faults: Faults, outcomes: list[Outcome],
-           notes: list[str], secret: str, seconds: float) -> tuple[list[str], list[str], int]:
+           commit: str, notes: list[str], secret: str, seconds: float) -> tuple[list[str], list[str], int]:
     """(the summary, the excused failures one by one, the number of failures that count)."""
     counted, excused = verdicts(outcomes, faults)
     finished = Counter(o.result for o in outcomes)
     by_v3 = sum(1 for o, _, _ in excused if o.result == "failed")
     keys = ", ".join(f"{c} {fingerprint(k, secret.encode())}" for c, k in KEYS.items())
     summary = [
-        *header(a, seconds, notes), "",
+        *header(a, seconds, commit, notes), "",
         "## Faults", "",
         *table(["fault", "from", "to", "length"], [[w.name, f"+{since(w.start):.1f} s", f"+{since(w.end):.1f} s",
                                                     f"{w.end - w.start:.1f} s"] for w in faults.windows]), "",
@@ -733,6 +740,7 @@ async def soak(a: argparse.Namespace, work: Path) -> int:
                         UPSCALE_PROXY_PUBLIC_URL=f"http://127.0.0.1:{lb_port}", UPSCALE_PROXY_DRAIN_DELAY="0")
         replicas = [Replica(n, env, work) for n in (1, 2)]
         stack.callback(lambda: stop_processes(*(r.proc for r in replicas)))
+        commit = proxy_commit()  # others may commit while this runs: the code the replicas load is this one
         await asyncio.gather(*(r.start() for r in replicas))
 
         lb = await Balancer([r.url for r in replicas], {k: c for c, k in KEYS.items()}, lb_port).start()
@@ -746,7 +754,7 @@ async def soak(a: argparse.Namespace, work: Path) -> int:
         T0 = time.time()
         say(f"load for {a.minutes:g} min: a new task about every {a.interval:g} s from the Python SDK"
             f"{'' if js_missing else ' and from the JS SDK'}; Go: no Go V2 SDK is available here")
-        faults = Faults(fake, redis, replicas[0])
+        faults = Faults(fake, redis, replicas[0], commit, notes)
         python = PythonUsers(lb.url, image, a.interval, outcomes)
         python.thread.start()
         stack.callback(python.stop.set)
@@ -764,7 +772,7 @@ async def soak(a: argparse.Namespace, work: Path) -> int:
             stop_js.set()
             if js is not None and not js.done():
                 js.cancel()
-        summary, details, counted = report(a, lb, fake, faults, list(outcomes), notes, secret, seconds)
+        summary, details, counted = report(a, lb, fake, faults, list(outcomes), commit, notes, secret, seconds)
     out = ROOT / "tests" / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}-soak.md"
     out.write_text("\n".join(summary + details) + "\n")
     print("\n" + "\n".join(summary), flush=True)
