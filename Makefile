@@ -21,13 +21,16 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/upscale-v2-proxy serve --emulate-v3 --host $(HOST) --port $(PORT) $(RUN_ARGS)
 
-# the Redis stores' tests need a real redis-server, the dashboard's chromium and chromedriver: installed
-# here when root, else those tests skip (fail under CI=true)
+# the Redis stores' tests need a real redis-server, the dashboard's chromium and chromedriver, the
+# migration snippets' tests Go (and node, curl): installed here when root, else those tests skip (fail under CI=true)
 test: install
 	@command -v redis-server >/dev/null || [ "$$(id -u)" -ne 0 ] || { apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || [ "$$(id -u)" -ne 0 ] || { apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+	@{ command -v go && command -v node && command -v curl; } >/dev/null || [ "$$(id -u)" -ne 0 ] || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go \
+		$$(command -v node >/dev/null || echo nodejs) $$(command -v curl >/dev/null || echo curl); }
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: install
