@@ -11,7 +11,6 @@ directory (one machine, `--workers`), or Redis (replicas), under the proxy's key
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from proxy.migration.stages import SIDES, Rule, Side
+from proxy.stores.sqlite import open_database
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -69,10 +69,7 @@ class SqliteMigrationStore:
     """Short local transactions on the event loop, as the task store's (a task's side is one row)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         self._writes = 0
 
     async def changes(self) -> dict[str, Rule]:

@@ -30,13 +30,20 @@ CREATE INDEX IF NOT EXISTS composed_tasks_purge_at ON composed_tasks (purge_at);
 """
 
 
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """An SQLite file as every embedded store opens it: autocommit, WAL (readers never wait for the
+    writer, and every process on the machine shares it), a wait for a busy writer, its schema."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    return db
+
+
 class SqliteTaskStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(composed_tasks)")}
         if "woken_at" not in columns:  # a data directory of a release before wakes
             with contextlib.suppress(sqlite3.OperationalError):  # another process added it first

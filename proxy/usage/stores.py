@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.stores.sqlite import open_database
 from proxy.usage.tally import BOUNDS, OTHER, Key, Tally
 
 if TYPE_CHECKING:
@@ -103,11 +103,7 @@ class SqliteUsageStore:
     at a time: a dashboard's read of a year of hours must not hold the event loop."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         self._lock = asyncio.Lock()
 
     async def _run(self, fn, *args):
