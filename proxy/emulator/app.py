@@ -236,15 +236,20 @@ async def image(request: web.Request) -> web.Response:
     return web.Response(body=task.result, content_type=CONTENT_TYPES[task.image_type])
 
 
-async def _sweeper(app: web.Application):
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(SWEEP_EVERY)
-            app[EMULATOR].sweep(time.time())
+def sweeping(key: web.AppKey):
+    """A cleanup_ctx that sweeps an emulator's state (`app[key].sweep(now)`) every SWEEP_EVERY s."""
 
-    job = asyncio.create_task(loop())
-    yield
-    job.cancel()
+    async def sweeper(app: web.Application):
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(SWEEP_EVERY)
+                app[key].sweep(time.time())
+
+        job = asyncio.create_task(loop())
+        yield
+        job.cancel()
+
+    return sweeper
 
 
 async def _webhooks(app: web.Application):
@@ -264,7 +269,7 @@ def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Applica
     settings = settings or EmulatorSettings()
     app = web.Application(middlewares=[v3_errors], client_max_size=48 * 1024 * 1024)
     app[EMULATOR] = Emulator(settings, rng=random.Random(settings.seed))
-    app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(sweeping(EMULATOR))
     app.cleanup_ctx.append(_webhooks)
     app.router.add_post("/v3/async/upscale", upscale)
     app.router.add_get("/v3/async/task-result", task_result)

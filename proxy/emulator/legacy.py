@@ -27,11 +27,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from proxy.emulator.a1111 import A1111, DEFAULT_UPSCALER, UPSCALERS, A1111Failed
+from proxy.emulator.app import sweeping
 from proxy.emulator.legacy_settings import LegacySettings
 from proxy.emulator.tasks import TaskStore
 
 MAX_SIDE = 2048  # V2's documented limit on either side of the output
-SWEEP_EVERY = 60.0
 KEEP_TASKS_FOR = 60.0  # seconds a task outlives its image, so that a late poll still finds it
 QUEUED, RUNNING, SUCCEEDED, FAILED = 0, 1, 2, 3
 
@@ -366,23 +366,12 @@ async def image(request: web.Request) -> web.Response:
     return web.Response(body=task.result, content_type="image/png")
 
 
-async def _sweeper(app: web.Application):
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(SWEEP_EVERY)
-            app[LEGACY_V2].sweep(time.time())
-
-    job = asyncio.create_task(loop())
-    yield
-    job.cancel()
-
-
 def create_legacy_app(settings: LegacySettings | None = None) -> web.Application:
     """The legacy V2 emulator; `app[LEGACY_V2]` is its state."""
     settings = settings or LegacySettings()
     app = web.Application(middlewares=[v2_errors], client_max_size=48 * 1024 * 1024)
     app[LEGACY_V2] = LegacyV2(settings, rng=random.Random(settings.seed))
-    app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(sweeping(LEGACY_V2))
     app.router.add_post("/v2/upscale", upscale)
     app.router.add_get("/v2/progress", progress)
     app.router.add_get("/v2/images/{task_id}.png", image)
