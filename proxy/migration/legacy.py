@@ -36,21 +36,33 @@ class LegacyGone(Exception):
     """V2 has been removed, or has been unreachable past the setting: the reason says which."""
 
 
+def v2_envelope(body: bytes) -> dict | None:
+    """The V2 envelope `{code, msg, data}` a body is, or None (a gateway's page, V3's error shape)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, dict) and {"code", "msg", "data"} <= doc.keys() and isinstance(doc["code"], int):
+        return doc
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class LegacyReply:
+    """V2's reply, as it came, and its envelope (a reply that is none is never handed on)."""
+
     status: int
     headers: CIMultiDict
     body: bytes
+    doc: dict
 
-    def doc(self) -> dict | None:
-        """The V2 envelope, if the reply is one."""
-        try:
-            doc = orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return None
-        if isinstance(doc, dict) and {"code", "msg", "data"} <= doc.keys() and isinstance(doc["code"], int):
-            return doc
-        return None
+    @property
+    def code(self) -> int:
+        return self.doc["code"]
+
+    @property
+    def data(self) -> dict | None:
+        return self.doc["data"] if isinstance(self.doc["data"], dict) else None
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, headers=self.headers, body=self.body)
@@ -76,16 +88,17 @@ class LegacyV2:
             async with self._session.request(method, url, headers=headers, data=body,
                                              allow_redirects=False, timeout=self._timeout,
                                              skip_auto_headers=("User-Agent",)) as resp:
-                reply = LegacyReply(resp.status, CIMultiDict(
-                    (k, v) for k, v in end_to_end(resp.headers).items() if k.lower() not in _OWN), await resp.read())
+                status, body = resp.status, await resp.read()
+                replied = CIMultiDict((k, v) for k, v in end_to_end(resp.headers).items() if k.lower() not in _OWN)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._down("V2 could not be reached") from e
-        if reply.doc() is None:  # not V2 speaking: removed, or something in front of it failing
-            if reply.status in GONE_STATUSES:
-                raise LegacyGone(f"V2 answered HTTP {reply.status} to {path}")
-            raise self._down(f"V2 answered HTTP {reply.status} without a V2 body")
+        doc = v2_envelope(body)
+        if doc is None:  # not V2 speaking: removed, or something in front of it failing
+            if status in GONE_STATUSES:
+                raise LegacyGone(f"V2 answered HTTP {status} to {path}")
+            raise self._down(f"V2 answered HTTP {status} without a V2 body")
         self._down_since = None
-        return reply
+        return LegacyReply(status, replied, body, doc)
 
     def _down(self, why: str) -> LegacyUnavailable | LegacyGone:
         """A failed call: unavailable, or gone once the outage has lasted past the setting."""

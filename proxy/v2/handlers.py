@@ -34,6 +34,7 @@ from proxy.migration.legacy import LegacyGone, LegacyUnavailable
 from proxy.migration.router import ROUTE_HEADER
 from proxy.redact import redact
 from proxy.translate.progress import failed_progress, progress_data
+from proxy.v2.audit_record import AuditRecord
 from proxy.v2.auth import api_key
 from proxy.v2.body import split_image
 from proxy.v2.edge import log_v3_failure
@@ -93,8 +94,8 @@ async def upscale(request: web.Request) -> web.Response:
             return served
     audit = request[AUDIT]
     translation = app[TRANSLATOR].translate(*split_image(await request.read()))
-    plan, audit.fields, audit.shape = translation.plan, translation.fields, translation.shape
-    audit.features, audit.warnings = dict(plan.decisions), list(plan.warnings)
+    plan = translation.plan
+    _audit_plan(audit, translation)
     audit.path_taken = plan.path
     done = await submit_translation(app, translation, key, request[CALLER].fingerprint)
     audit.task_id, audit.upstream_status, audit.v3_task_ids, audit.v3_jobs = done
@@ -135,11 +136,9 @@ async def legacy_upscale(request: web.Request) -> web.Response | None:
         return None
     except LegacyUnavailable as e:
         raise V2Error(V2Code.HOST_UNAVAILABLE, f"legacy V2 unreachable: {e}") from e
-    audit.served_by, audit.path_taken = "legacy", "legacy"
-    doc = reply.doc() or {}
-    audit.v2_code = doc.get("code", 0) if isinstance(doc.get("code"), int) else -1
-    task_id = (doc.get("data") or {}).get("task_id") if isinstance(doc.get("data"), dict) else None
-    if audit.v2_code == 0 and isinstance(task_id, str) and TASK_ID.fullmatch(task_id):
+    audit.served_by, audit.path_taken, audit.v2_code = "legacy", "legacy", reply.code
+    task_id = (reply.data or {}).get("task_id")
+    if reply.code == 0 and isinstance(task_id, str) and TASK_ID.fullmatch(task_id):
         audit.task_id = task_id
         await app[ROUTER].took(task_id, "legacy")
         if audit.stage in ("shadow", "canary"):  # V2 serves it: the translation runs beside it, to compare
@@ -148,7 +147,7 @@ async def legacy_upscale(request: web.Request) -> web.Response | None:
     return reply.response()
 
 
-def audit_translation(app: web.Application, body: bytes, audit) -> None:
+def audit_translation(app: web.Application, body: bytes, audit: AuditRecord) -> None:
     """What the translation would make of a body V2 served: its features and shape, for the audit
     and the usage store, so a legacy client's readiness is known before it moves."""
     try:
@@ -157,6 +156,10 @@ def audit_translation(app: web.Application, body: bytes, audit) -> None:
         if e.feature is not None:
             audit.features = {e.feature: "refused"}
         return
+    _audit_plan(audit, translation)
+
+
+def _audit_plan(audit: AuditRecord, translation: Translation) -> None:
     audit.fields, audit.shape = translation.fields, translation.shape
     audit.features, audit.warnings = dict(translation.plan.decisions), list(translation.plan.warnings)
 
@@ -211,15 +214,14 @@ async def legacy_progress(request: web.Request, task_id: str) -> web.Response:
         raise V2Error(V2Code.TASK_ID_NOT_EXIST, "the legacy V2 that took this task is gone: submit it again") from e
     except LegacyUnavailable as e:
         return v2_reply(data=ride_through(request, task_id, f"legacy V2: {e}"))
-    doc = reply.doc() or {}
-    code = doc.get("code", -1)
-    if code in TRANSIENT_V2_CODES:  # V2 itself could not say, this time: as through any outage
-        return v2_reply(data=ride_through(request, task_id, f"legacy V2: code {code} {doc.get('msg', '')}"))
-    audit.v2_code = code
-    if not isinstance(doc.get("data"), dict):  # V2's own errors had data: null, which SDK loops crash on
-        return v2_reply(code, doc.get("msg", ""), failed_progress(doc.get("msg", "")))
-    if code == 0:
-        app[LAST_KNOWN].answered(task_id, request[CALLER].fingerprint, doc["data"])
+    msg = str(reply.doc["msg"])
+    if reply.code in TRANSIENT_V2_CODES:  # V2 itself could not say, this time: as through any outage
+        return v2_reply(data=ride_through(request, task_id, f"legacy V2: code {reply.code} {msg}"))
+    audit.v2_code = reply.code
+    if reply.data is None:  # V2's own errors had data: null, which SDK loops crash on
+        return v2_reply(reply.code, msg, failed_progress(msg))
+    if reply.code == 0:
+        app[LAST_KNOWN].answered(task_id, request[CALLER].fingerprint, reply.data)
     return reply.response()
 
 

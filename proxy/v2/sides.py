@@ -67,8 +67,8 @@ class AppSides:
         headers = CIMultiDict({"Authorization": f"Bearer {key}", "User-Agent": SHADOW_AGENT})
         if body is not None:
             headers["Content-Type"] = "application/json"
-        doc = (await self._app[LEGACY].send(method, path, headers, body)).doc() or {}
-        if doc.get("code") != 0:
-            raise LegacyUnavailable(f"V2 answered code {doc.get('code')}: {doc.get('msg', '')}")
-        return doc
+        reply = await self._app[LEGACY].send(method, path, headers, body)
+        if reply.code != 0 or reply.data is None:
+            raise LegacyUnavailable(f"V2 answered code {reply.code}: {reply.doc['msg']}")
+        return reply.doc
 
