@@ -29,7 +29,8 @@ from proxy.compose.fetch import AllowedOrigins, ImageFetcher
 from proxy.compose.task import ComposedTask, TaskState, is_composed_id
 from proxy.keys import TASK_STORE, TASKS
 from proxy.mappings import load
-from proxy.stores import FileResultStore, SqliteTaskStore, TaskRecord
+from proxy.stores import FileResultStore, ResultStore, SqliteTaskStore, TaskRecord
+from proxy.stores.redis import RedisResultStore, connect
 from proxy.translate.plan import Plan
 from proxy.translate.steps import ReadInput
 from proxy.v2.body import split_image
@@ -47,6 +48,7 @@ from tests.helpers import (
     wait_for_port,
 )
 from tests.images import encode, pattern
+from tests.redis_server import RedisServer, redis_server_binary
 
 
 def body(w: int = 9, h: int = 9, **fields) -> dict:
@@ -270,14 +272,15 @@ async def engines(tmp_path):
     sessions, stores = [], []
     executor = ThreadPoolExecutor(2)
 
-    async def make(upstream: str, clock: Clock, breaker_failures: int = 5, **settings) -> TaskEngine:
+    async def make(upstream: str, clock: Clock, breaker_failures: int = 5, results: ResultStore | None = None,
+                   **settings) -> TaskEngine:
         session = aiohttp.ClientSession()
         sessions.append(session)
         tasks = SqliteTaskStore(tmp_path / "tasks.sqlite3")
         stores.append(tasks)
         v3 = V3Client(session, upstream, retries=0, breaker=CircuitBreaker(breaker_failures, 10, clock=clock))
         fetcher = ImageFetcher(session, AllowedOrigins.configure(upstream), 10**8, 10)
-        return TaskEngine(v3, tasks, FileResultStore(tmp_path / "results"), fetcher, executor,
+        return TaskEngine(v3, tasks, results or FileResultStore(tmp_path / "results"), fetcher, executor,
                           EngineSettings(deadline=10_000, lease=60, max_pending=2, **settings),
                           load().task_status, clock=clock)
 
@@ -376,3 +379,27 @@ async def test__while_the_breaker_is_open__no_back_off_is_longer_than_its_cool_d
         waits.append(task.due_at - clock.now)
     assert task.retries == 10 and max(waits) <= longest
     assert max(waits) > 10 or breaker_failures  # without the breaker, back-offs grow past the cool-down
+
+
+async def test__the_store_failing_mid_step__keeps_the_task_running_and_its_next_step_finishes_it(
+        start_emulator, engines, tmp_path):
+    """A Redis blip while a task is composed (its input can't be read) is the store's, not the
+    task's: the step is not saved, the task stays running, and this process takes it again at once
+    (the lease it still holds is its own) instead of waiting the lease out."""
+    redis = RedisServer(redis_server_binary(), tmp_path / "redis")
+    redis.start()
+    try:
+        server, _ = await start_emulator(queue_delay=0, process_delay=0)
+        clock = Clock()
+        async with connect(redis.url, timeout=1) as client:
+            engine = await engines(str(server.make_url("")), clock, results=RedisResultStore(client, "t:"))
+            task_id = await submit(engine, ONE_JOB_AND_A_CROP)
+            await asyncio.sleep(0.1)  # its V3 job is done: the next step composes
+            redis.stop(keep=True)
+            task = await step(engine, task_id, clock)
+            assert task.state == TaskState.RUNNING
+            redis.start()
+            task = await step(engine, task_id, clock, at=clock.now + 1)  # within the lease it took
+            assert task.state == TaskState.SUCCEEDED, task.reason
+    finally:
+        redis.stop()

@@ -69,8 +69,10 @@ async def test__task_store__a_lease_is_held_until_it_lapses_then_taken_over(stor
     assert not await tasks.acquire("missing", "one", now=10, seconds=30)
     assert await tasks.acquire("a", "one", now=10, seconds=30)
     assert not await tasks.acquire("a", "two", now=20, seconds=30)  # still held
-    assert not await tasks.acquire("a", "one", now=40, seconds=30)  # held up to its last instant
-    assert await tasks.acquire("a", "two", now=41, seconds=30)  # lapsed: taken over
+    assert not await tasks.acquire("a", "two", now=40, seconds=30)  # held up to its last instant
+    assert await tasks.acquire("a", "one", now=25, seconds=30)  # by its holder: again (a step cut short)
+    assert not await tasks.acquire("a", "two", now=41, seconds=30)  # ... and held 30 s from then
+    assert await tasks.acquire("a", "two", now=56, seconds=30)  # lapsed: taken over
 
 
 async def test__task_store__a_write_under_a_lapsed_lease_does_not_take(stores):

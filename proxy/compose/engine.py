@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("proxy")
 V3_JOB_SECONDS = 5.0  # a first guess at one V3 job, until V3's own eta replaces it
 STORE_RETRY = 0.25  # seconds between a submission's tries of an unavailable store
+STORE_RETRY_STEP = 1.0  # seconds before a step the store cut short is taken again
 MAX_DELIVERED = 100_000  # webhook results waiting for their task's next step, in this process
 
 
@@ -321,6 +322,8 @@ class TaskEngine:
                 return
             try:
                 await self._advance(task, self._keys[task_id])
+            except StoreUnavailable:
+                raise  # the store, not the task: nothing of this step is saved, and it is taken again
             except Exception:  # a bug: end the task rather than retry it forever
                 log.exception("task step failed", task_id=task_id)
                 self._end(task, TaskState.FAILED, "internal error", self._clock())
@@ -333,10 +336,16 @@ class TaskEngine:
             with contextlib.suppress(Exception):
                 await self._tasks.release(task_id, self._owner)
             raise
-        except Exception as e:  # the task store failed (Redis down): the lease lapses, a later step retries
+        except Exception as e:  # the store failed (Redis down): this process steps the task again soon
             log.warning("task step could not reach the task store", task_id=task_id, error=str(e))
+            asyncio.get_running_loop().call_later(STORE_RETRY_STEP, self._again, task_id)
         finally:
             self._busy.discard(task_id)
+
+    def _again(self, task_id: str) -> None:
+        """A step cut short by the store: taken again (the lease it may still hold is this process's)."""
+        self._news.add(task_id)
+        self._wake.set()
 
     async def _advance(self, task: ComposedTask, key: str) -> None:
         """One step of a running task, under its lease; it changes `task`, the caller stores it."""

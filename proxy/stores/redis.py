@@ -79,7 +79,8 @@ return 1
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local lease = redis.call('HGET', KEYS[2], ARGV[1])
-if lease and tonumber(string.match(lease, '^%S+')) >= tonumber(ARGV[3]) then return 0 end
+if lease and tonumber(string.match(lease, '^%S+')) >= tonumber(ARGV[3])
+   and string.match(lease, '^%S+ (.*)$') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1

@@ -67,8 +67,8 @@ class SqliteTaskStore:
     async def acquire(self, task_id: str, owner: str, now: float, seconds: float) -> bool:
         cur = self._db.execute(
             "UPDATE composed_tasks SET lease_owner = ?, lease_until = ?, woken_at = NULL"
-            " WHERE task_id = ? AND lease_until < ?",
-            (owner, now + seconds, task_id, now),
+            " WHERE task_id = ? AND (lease_until < ? OR lease_owner = ?)",
+            (owner, now + seconds, task_id, now, owner),
         )
         return cur.rowcount == 1
 
