@@ -2,7 +2,8 @@
 per view, over the usage store, so the page, its JSON and its CSV can never disagree.
 
 Filters are query parameters (a view is a URL to bookmark): `days` (the period, ending now),
-`readiness`, `q` (a label or fingerprint, or part of one), `sort` and `order`.
+`readiness`, `q` (a label or fingerprint, or part of one), `sort` and `order`; with a legacy V2,
+`stage` (the client's migration stage, which the context's `stages` gives each row).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 
 import orjson
 
+from proxy.migration.stages import STAGES
 from proxy.translate.features import BY_NAME
 from proxy.usage.readiness import DAY, READINESS, Verdict, readiness
 from proxy.usage.stores import ClientSeen, HourCounts, UsageStore
@@ -25,7 +27,8 @@ from proxy.usage.stores import ClientSeen, HourCounts, UsageStore
 PERIODS = (1, 7, 30, 90, 400)  # days the dashboard offers
 SORTS = ("calls", "last_seen", "v3_share", "client", "readiness")
 CSV_COLUMNS = ("client", "label", "readiness", "deadline", "days_left", "v2_calls", "v3_calls", "v3_share",
-               "v3_jobs", "first_seen", "last_seen", "last_v2", "last_v3", "features", "blocking", "user_agents")
+               "v3_jobs", "first_seen", "last_seen", "last_v2", "last_v3", "features", "blocking", "user_agents",
+               "stage")
 
 
 class BadFilter(ValueError):
@@ -39,6 +42,7 @@ class Filters:
     q: str = ""
     sort: str = "calls"
     order: Literal["asc", "desc"] = "desc"
+    stage: str | None = None
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> Filters:
@@ -57,11 +61,15 @@ class Filters:
         order = query.get("order", "asc" if sort == "client" else "desc")
         if order not in ("asc", "desc"):
             raise BadFilter("order: asc or desc")
-        return cls(days, state, query.get("q", "").strip()[:200], sort, order)  # type: ignore[arg-type]
+        stage = query.get("stage") or None
+        if stage is not None and stage not in STAGES:
+            raise BadFilter(f"stage: one of {', '.join(STAGES)}")
+        return cls(days, state, query.get("q", "").strip()[:200], sort, order, stage)  # type: ignore[arg-type]
 
     def query(self, **changes) -> str:
         """This view's query string, with some filters changed (for links)."""
-        doc = {"days": self.days, "readiness": self.readiness, "q": self.q, "sort": self.sort, "order": self.order}
+        doc = {"days": self.days, "readiness": self.readiness, "q": self.q, "sort": self.sort, "order": self.order,
+               "stage": self.stage}
         doc.update(changes)
         return urlencode({k: v for k, v in doc.items() if v not in (None, "")})
 
@@ -75,6 +83,7 @@ class Context:
     sunset: datetime | None
     labels: Mapping[str, str] = field(default_factory=dict)  # from the settings; the store's win
     brownouts: tuple[tuple[datetime, datetime, float], ...] = ()
+    stages: Callable[[str], dict | None] | None = None  # a client's migration rule, with a legacy V2
 
 
 @dataclass
@@ -117,6 +126,16 @@ def _features(counts: Counter[str]) -> dict[str, dict[str, int]]:
             out[feature][decision] = out[feature].get(decision, 0) + n
     # a feature V3 does its own way ("same") asks nothing of the client: left out, as in `audit`
     return {name: out[name] for name, unit in BY_NAME.items() if name in out and unit.verdict != "same"}
+
+
+def _nested(counts: Counter[str], kind: str) -> dict[str, dict[str, int]]:
+    """Counts named `<kind>|<name>|<part>`, as name -> part -> n."""
+    out: dict[str, Counter[str]] = defaultdict(Counter)
+    for name, n in counts.items():
+        if name.startswith(kind + "|"):
+            _, inner, part = name.split("|", 2)
+            out[inner][part] += n
+    return {inner: dict(parts) for inner, parts in out.items()}
 
 
 def _fields(counts: Counter[str]) -> dict[str, int]:
@@ -175,11 +194,15 @@ def _row(client: _Client, label: str, ctx: Context) -> dict:
         "endpoints": _by(counts, "v2", 1), "v2_codes": _by(counts, "v2", 2), "v3_calls_by_status": _by(counts, "v3", 2),
         "features": _features(counts), "user_agents": _by(counts, "ua", 1), "fields": _fields(counts),
         "shadow": _by(counts, "shadow", 1),  # shadow comparisons by outcome (proxy/migration)
+        "shadow_features": _nested(counts, "shadowf"),  # feature -> outcome -> comparisons it explained
+        **({"migration": ctx.stages(seen.client)} if ctx.stages else {}),
     }
 
 
 def _matches(row: dict, f: Filters) -> bool:
     if f.readiness and row["readiness"] != f.readiness:
+        return False
+    if f.stage and (row.get("migration") or {}).get("stage") != f.stage:
         return False
     q = f.q.lower()
     return not q or q in row["client"].lower() or q in row["label"].lower()
@@ -213,7 +236,9 @@ def _table(loaded: dict[str, _Client], labels: Mapping[str, str], ctx: Context, 
         "sunset": ctx.sunset.isoformat() if ctx.sunset else None, "migrated_after_days": ctx.window_days,
         "totals": {"clients": len(rows), "shown": len(shown), "v2_calls": sum(r["v2_calls"] for r in rows),
                    "v3_calls": sum(r["v3_calls"] for r in rows),
-                   "by_readiness": {state: by_readiness.get(state, 0) for state in READINESS}},
+                   "by_readiness": {state: by_readiness.get(state, 0) for state in READINESS},
+                   **({"by_stage": {stage: sum(1 for r in rows if (r["migration"] or {}).get("stage") == stage)
+                                    for stage in STAGES}} if ctx.stages else {})},
         "clients": shown,
     }
 
@@ -225,6 +250,7 @@ def as_csv(view: dict) -> str:
     writer.writerow(CSV_COLUMNS)
     for row in view["clients"]:
         flat = {**row, "features": " ".join(row["features"]), "blocking": " ".join(row["blocking"]),
+                "stage": (row.get("migration") or {}).get("stage"),
                 "user_agents": "; ".join(f"{ua} ({n})" for ua, n in row["user_agents"].items())}
         writer.writerow(["" if flat[c] is None else flat[c] for c in CSV_COLUMNS])
     return out.getvalue()
@@ -296,13 +322,17 @@ async def features(store: UsageStore, ctx: Context, f: Filters) -> dict:
     out = []
     for name, unit in BY_NAME.items():
         users = [r for r in table["clients"] if name in r["features"]]
-        if not users and unit.verdict == "same":
+        shadow: Counter[str] = Counter()  # comparisons whose difference this feature explained
+        for r in table["clients"]:
+            shadow.update(r["shadow_features"].get(name, {}))
+        if not users and not shadow and unit.verdict == "same":
             continue
         out.append({
             "name": name, "summary": unit.summary(), "verdict": unit.verdict, "v3": unit.v3,
             "calls": sum(sum(r["features"][name].values()) for r in users),
             "clients": [{"client": r["client"], "label": r["label"], "readiness": r["readiness"]} for r in users],
             "blocked_clients": sum(1 for r in users if name in r["blocking"]),
+            "shadow": dict(shadow.most_common()),
         })
     out.sort(key=lambda f: (-f["blocked_clients"], -len(f["clients"]), f["name"]))
     return {**{k: table[k] for k in ("generated_at", "days", "since")}, "features": out}
