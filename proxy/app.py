@@ -105,11 +105,16 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/_proxy/dashboard/clients", pages.clients)
     app.router.add_get("/_proxy/dashboard/clients/{fingerprint}", pages.client)
     app.router.add_post("/_proxy/dashboard/clients/{fingerprint}/label", pages.set_label)
+    app.router.add_post("/_proxy/dashboard/clients/{fingerprint}/stage", pages.set_stage)
+    app.router.add_get("/_proxy/dashboard/shadow/{id}/{image}.png", usage_api.shadow_image)
     app.router.add_get("/_proxy/dashboard/features", pages.features)
     app.router.add_get("/_proxy/dashboard/static/{name}", pages.static)
     app.router.add_get("/_proxy/usage", usage_api.usage)
     app.router.add_get("/_proxy/usage/clients/{fingerprint}", usage_api.usage_client)
     app.router.add_put("/_proxy/clients/{fingerprint}/label", usage_api.put_label)
+    # the migration's admin API: answers 404 without a legacy V2 (no router), so the routes never change
+    app.router.add_get("/_proxy/migration", usage_api.migration)
+    app.router.add_put("/_proxy/clients/{fingerprint}/stage", usage_api.put_stage)
     if WEBHOOKS in app:
         app.router.add_post(webhooks.ROUTE, webhooks.handler(app[WEBHOOKS], partial(_webhook_result, app)))
 

@@ -1,20 +1,25 @@
 """The migration dashboard (DESIGN.md, "The operator's side"): server-rendered pages over the usage
-store, its data as JSON and CSV, and the admin API for client labels, all behind the admin token.
+store and, with a legacy V2, the migration (stages, shadow comparisons), their data as JSON and CSV,
+and the admin API for client labels and stages, all behind the admin token.
 
     auth.py      the admin token: Bearer, the login form's session cookie, `?token=` once; audits refusals
-    pages.py     /_proxy/dashboard (overview, clients, one client, features), login, logout, the assets
-    api.py       /_proxy/usage (JSON, CSV), /_proxy/usage/clients/{fingerprint}, the labels API
+    pages.py     /_proxy/dashboard (overview, clients, one client, features), login, logout, the assets,
+                 the label and stage forms
+    api.py       /_proxy/usage (JSON, CSV), /_proxy/usage/clients/{fingerprint}, the labels API;
+                 /_proxy/migration, the stage API, the shadow comparisons' images
     templates/   Jinja2, autoescaped; one base with the nav bar and the period selector
     static/      vendored, no build step, no CDN: uPlot 1.6.32 (npm `uplot`, dist/uPlot.iife.min.js and
                  uPlot.min.css), simple.css 2.3.7 (npm `simpledotcss`, simple.min.css), each with its
                  LICENSE; dashboard.css and dashboard.js are ours
 
-Every page, its JSON and its CSV read the same function of proxy/usage/view.py.
+Every page, its JSON and its CSV read the same function of proxy/usage/view.py (and, for the
+migration, of proxy/migration/view.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +42,8 @@ def setup(app: web.Application, settings: Settings) -> None:
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                undefined=jinja2.StrictUndefined, default_helpers=False,
                                trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(when=_when, ago=_ago, day=_day, pct=_pct, num=_num, unit=_unit, ticks=_ticks, shape=_shape)
+    env.filters.update(when=_when, ago=_ago, day=_day, pct=_pct, num=_num, unit=_unit, ticks=_ticks, shape=_shape,
+                       at=_at, db=_db, ssim=_ssim)
 
 
 def _parse(iso: str) -> datetime | None:
@@ -62,6 +68,22 @@ def _ago(iso: str, now: datetime) -> str:
 
 def _day(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
+
+
+def _at(epoch: float) -> str:
+    """The migration store's times (epoch seconds), to the second: stage changes come in bursts."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if epoch else "never"
+
+
+def _db(psnr: float | str | None) -> str:
+    """A PSNR as the store keeps it: dB, "inf" for identical pixels, None with no two images."""
+    if psnr is None:
+        return "–"
+    return "∞ dB" if psnr == "inf" or (isinstance(psnr, float) and math.isinf(psnr)) else f"{float(psnr):.1f} dB"
+
+
+def _ssim(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _pct(share: float) -> str:

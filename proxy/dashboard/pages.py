@@ -1,5 +1,6 @@
 """The dashboard's pages: each handler reads one function of proxy/usage/view.py (the one the JSON
-and CSV read) and renders it. Filters are query parameters, so every view is a URL to bookmark."""
+and CSV read) and, with a legacy V2, of proxy/migration/view.py (the one `/_proxy/migration`
+reads), and renders it. Filters are query parameters, so every view is a URL to bookmark."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import structlog
 from aiohttp import web
 
 from proxy.dashboard import api, auth
-from proxy.keys import SETTINGS, TRANSLATOR, USAGE
+from proxy.keys import MIGRATION_STORE, ROUTER, SETTINGS, TRANSLATOR, USAGE
+from proxy.migration import view as migration_view
+from proxy.migration.stages import STAGES
 from proxy.usage import snippets, view
 
 log = structlog.get_logger("proxy")
@@ -32,7 +35,8 @@ def render(request: web.Request, template: str, page: str = "", status: int = 20
     context.setdefault("f", None)
     response = aiohttp_jinja2.render_template(template, request, {
         **context, "page": page, "nav": NAV, "periods": view.PERIODS, "csrf": request.app[auth.ADMIN].csrf,
-        "path": request.path, "now": datetime.now(UTC)}, status=status)
+        "path": request.path, "now": datetime.now(UTC), "migrating": ROUTER in request.app, "stages": STAGES},
+        status=status)
     response.headers.update(HEADERS)
     return response
 
@@ -59,8 +63,14 @@ async def overview(request: web.Request) -> web.Response:
     f = _filters(request, "overview")
     if isinstance(f, web.Response):
         return f
-    u = request.app[USAGE]
-    return render(request, "overview.html", "overview", f=f, doc=await view.overview(u.store, u.context(), f))
+    store = request.app[USAGE].store
+    migration = None
+    if ROUTER in request.app:  # the migration's panel: every known client, the last changes
+        seen = [c.client for c in await store.clients()]
+        migration = await migration_view.migration(request.app[ROUTER], request.app[MIGRATION_STORE], seen,
+                                                   events=10, comparisons=0)
+    return render(request, "overview.html", "overview", f=f, doc=await view.overview(store, api.context(request), f),
+                  migration=migration)
 
 
 @auth.page
@@ -68,8 +78,8 @@ async def clients(request: web.Request) -> web.Response:
     f = _filters(request, "clients")
     if isinstance(f, web.Response):
         return f
-    u = request.app[USAGE]
-    return render(request, "clients.html", "clients", f=f, doc=await view.clients(u.store, u.context(), f))
+    doc = await view.clients(request.app[USAGE].store, api.context(request), f)
+    return render(request, "clients.html", "clients", f=f, doc=doc)
 
 
 @auth.page
@@ -78,7 +88,7 @@ async def client(request: web.Request) -> web.Response:
     if isinstance(f, web.Response):
         return f
     name = request.match_info["fingerprint"]
-    u, ctx = request.app[USAGE], request.app[USAGE].context()
+    u, ctx = request.app[USAGE], api.context(request)
     doc = await view.client(u.store, ctx, name, f.days) if api.valid_client(name) else None
     if doc is None:
         return render(request, "error.html", "clients", 404, f=f, title="No such client",
@@ -90,8 +100,11 @@ async def client(request: web.Request) -> web.Response:
         if shape else []
     guide = settings.deprecation_link if "://" in settings.deprecation_link else origin + settings.deprecation_link
     message = snippets.notice({**doc, "sunset": ctx.sunset}, guide_url=guide, dashboard_url=origin + request.path)
+    migration = await migration_view.client(request.app[ROUTER], request.app[MIGRATION_STORE], name) \
+        if ROUTER in request.app and migration_view.has_stage(name) else None
     return render(request, "client.html", "clients", f=f, doc=doc, saved=request.query.get("saved"),
-                  label_max=api.LABEL_MAX, shape=shape, snippets=code, languages=snippets.LANGUAGES, notice=message)
+                  label_max=api.LABEL_MAX, shape=shape, snippets=code, languages=snippets.LANGUAGES, notice=message,
+                  migration=migration, why_max=api.WHY_MAX, staged=request.query.get("staged"))
 
 
 @auth.page
@@ -99,8 +112,8 @@ async def features(request: web.Request) -> web.Response:
     f = _filters(request, "features")
     if isinstance(f, web.Response):
         return f
-    u = request.app[USAGE]
-    return render(request, "features.html", "features", f=f, doc=await view.features(u.store, u.context(), f))
+    doc = await view.features(request.app[USAGE].store, api.context(request), f)
+    return render(request, "features.html", "features", f=f, doc=doc)
 
 
 @auth.page
@@ -116,6 +129,30 @@ async def set_label(request: web.Request) -> web.Response:
     if problem:
         return render(request, "error.html", "clients", 400, title="Not saved", message=problem[1])
     return auth.see_other(f"/_proxy/dashboard/clients/{name}?saved=1")
+
+
+@auth.page
+async def set_stage(request: web.Request) -> web.Response:
+    """The client page's stage form: as the label form (session and CSRF token); the change is the
+    API's (api.change_stage), its fields given as a form's text."""
+    name = request.match_info["fingerprint"]
+    form = await _form(request)
+    if not auth.csrf_ok(request, form.get("csrf")):
+        auth.refused(request, "no or wrong CSRF token")
+        return render(request, "error.html", "clients", 403, title="Refused",
+                      message="The form's token is missing or stale: reload the page and try again.")
+    if ROUTER not in request.app:
+        return render(request, "error.html", "clients", 404, title="No stages", message=api.NO_V2)
+    doc: dict = {"stage": form.get("stage") or None, "allow_route": form.get("allow_route") == "on",
+                 "why": form.get("why", "")}
+    if form.get("percent", "").strip():  # a number field: text, checked as the API checks it
+        percent = form["percent"].strip()
+        doc["percent"] = int(percent) if percent.isdigit() else percent
+    try:
+        await api.change_stage(request, name, doc, via="dashboard")
+    except api.BadStage as e:
+        return render(request, "error.html", "clients", 400, title="Stage not changed", message=e.message)
+    return auth.see_other(f"/_proxy/dashboard/clients/{name}?staged=1#stage")
 
 
 async def login_form(request: web.Request) -> web.Response:
