@@ -1,4 +1,4 @@
-"""Real servers on loopback: the V3 emulator and the proxy in front of it, over HTTP."""
+"""Real servers on loopback: the V3 emulator, the legacy V2 one, and the proxy in front of them, over HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import logs
 from proxy.app import create_app
-from proxy.emulator import EMULATOR, EmulatorSettings, create_emulator_app
+from proxy.emulator import EMULATOR, LEGACY_V2, EmulatorSettings, LegacySettings, create_emulator_app, create_legacy_app
 from proxy.emulator.app import Emulator
 from proxy.settings import Settings
 from tests.redis_server import RedisServer, redis_server_binary
@@ -71,6 +71,14 @@ def start_proxy(aiohttp_client, tmp_path) -> Callable[..., Awaitable[TestClient]
 @pytest.fixture
 async def emulator(start_emulator) -> tuple[TestServer, Emulator]:
     return await start_emulator()
+
+
+@pytest.fixture
+async def legacy(aiohttp_server):
+    """The legacy V2 emulator on loopback: (its server, its state)."""
+    app = create_legacy_app(LegacySettings(queue_delay=0.05, process_delay=0.05))
+    server = await aiohttp_server(app)
+    return server, app[LEGACY_V2]
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.dashboard import auth
 from proxy.dashboard.api import count_clients
-from proxy.emulator import EmulatorSettings, create_emulator_app
+from proxy.emulator import EMULATOR, LEGACY_V2, EmulatorSettings, LegacySettings, create_emulator_app, create_legacy_app
 from proxy.fingerprint import fingerprint
 from proxy.keys import METRICS, USAGE
 from proxy.keys import SECRET as FINGERPRINT_SECRET
@@ -78,10 +78,12 @@ def chromium_binaries() -> tuple[str, str]:
 # --- a real proxy, in a thread of its own: selenium's calls block -------------------------------------
 
 class LiveProxy:
-    """The V3 emulator and the proxy on loopback ports, served by an event loop in a thread."""
+    """The V3 emulator and the proxy on loopback ports, served by an event loop in a thread; with
+    `legacy`, the legacy V2 emulator too, as the proxy's V2 upstream. Their states (`v3`, `v2`) are
+    there for a test to change their settings at run time."""
 
-    def __init__(self, data_dir: Path, **overrides) -> None:
-        self.data_dir, self.overrides = data_dir, overrides
+    def __init__(self, data_dir: Path, legacy: bool = False, **overrides) -> None:
+        self.data_dir, self.legacy, self.overrides = data_dir, legacy, overrides
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="live proxy", daemon=True)
         self.runners: list[web.AppRunner] = []
@@ -101,7 +103,15 @@ class LiveProxy:
         return runner.addresses[0][1]
 
     async def _start(self) -> None:
-        emulator = await self._serve(create_emulator_app(EmulatorSettings(queue_delay=0.05, process_delay=0.05)))
+        v3_app = create_emulator_app(EmulatorSettings(queue_delay=0.05, process_delay=0.05))
+        emulator = await self._serve(v3_app)
+        self.v3 = v3_app[EMULATOR]
+        if self.legacy:
+            v2_app = create_legacy_app(LegacySettings(queue_delay=0.05, process_delay=0.05))
+            v2 = await self._serve(v2_app)
+            self.v2 = v2_app[LEGACY_V2]
+            self.overrides = {"v2_upstream": f"http://127.0.0.1:{v2}",
+                              "image_hosts": [f"127.0.0.1:{emulator}", f"127.0.0.1:{v2}"], **self.overrides}
         settings = Settings(**{
             "upstream": f"http://127.0.0.1:{emulator}", "data_dir": self.data_dir, "poll_cache_seconds": 0,
             "admin_token": TOKEN, "fingerprint_secret": SECRET, "policy_face": "strict",
@@ -259,12 +269,17 @@ def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
-def screenshot(driver, shots: Path, name: str) -> Path:
-    """The whole page: the window as tall as the page, for the shot."""
+def screenshot(driver, shots: Path, name: str, element: str | None = None) -> Path:
+    """The whole page (or the element of this CSS selector): the window as tall as the page, for the shot."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(max(height, 600), 4000))
     path = shots / f"{name}.png"
-    driver.save_screenshot(str(path))
+    if element is None:
+        driver.save_screenshot(str(path))
+    else:
+        from selenium.webdriver.common.by import By
+
+        driver.find_element(By.CSS_SELECTOR, element).screenshot(str(path))
     driver.set_window_size(1280, 1000)
     if extra := os.environ.get("DASHBOARD_SCREENSHOTS"):
         Path(extra).mkdir(parents=True, exist_ok=True)
@@ -342,12 +357,14 @@ def test__pages__render_for_an_operator_logged_in_through_the_form(live, browser
     burn = chart_pixels(browser, "#burn-down")
     assert burn["v2"] > 100 and burn["sunset"] > 50, burn  # the sunset line and the brownout band
     screenshot(browser, shots, "overview")
+    assert browser.find_elements(By.ID, "migration") == []  # no legacy V2: no stages (test_migration_dashboard.py)
     browser.find_element(By.CSS_SELECTOR, ".tile.blocked").click()
     assert sorted(rows(browser)) == sorted([FP["bravo"], FP["charlie"]])
 
     browser.get(f"{live.url}/_proxy/dashboard/clients")
     assert rows(browser)[0] == FP["alpha"]  # the busiest first
     assert "Billing exports" in browser.find_element(By.ID, "clients").text
+    assert "no client has a stage" in browser.find_element(By.CSS_SELECTOR, "p.summary").text
     screenshot(browser, shots, "clients")
 
     browser.get(f"{live.url}/_proxy/dashboard/clients/{FP['bravo']}")
@@ -355,6 +372,8 @@ def test__pages__render_for_an_operator_logged_in_through_the_form(live, browser
     assert browser.find_element(By.LINK_TEXT, "the migration guide").get_attribute("href").endswith("/_proxy/guide")
     client = chart_pixels(browser, "#client-calls")
     assert client["v2"] > 100, client
+    assert "none: no legacy V2 is configured" in browser.find_element(By.CSS_SELECTOR, "section.facts").text
+    assert browser.find_elements(By.ID, "stage") == []
     screenshot(browser, shots, "client")
 
     browser.get(f"{live.url}/_proxy/dashboard/features")

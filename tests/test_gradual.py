@@ -18,8 +18,6 @@ import pytest
 from novita_client import NovitaClient, UpscaleRequest
 from novita_client.proto import UpscaleResizeMode
 
-from proxy.emulator.legacy import LEGACY_V2, create_legacy_app
-from proxy.emulator.legacy_settings import LegacySettings
 from proxy.keys import MIGRATION, MIGRATION_STORE, RESULTS, ROUTER, USAGE
 from proxy.migration.stages import MigrationFileError, Rule, Rules, bucket
 from proxy.settings import Settings
@@ -54,14 +52,6 @@ def migration_file(tmp_path: Path, default: str = "legacy", canary_hash: str = "
     path = tmp_path / "migration.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture
-async def legacy(aiohttp_server):
-    """The legacy V2 emulator on loopback: (its server, its state)."""
-    app = create_legacy_app(LegacySettings(queue_delay=0.05, process_delay=0.05))
-    server = await aiohttp_server(app)
-    return server, app[LEGACY_V2]
 
 
 @pytest.fixture
