@@ -114,6 +114,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_put("/_proxy/clients/{fingerprint}/label", usage_api.put_label)
     # the migration's admin API: answers 404 without a legacy V2 (no router), so the routes never change
     app.router.add_get("/_proxy/migration", usage_api.migration)
+    app.router.add_delete("/_proxy/migration/v2-gone", usage_api.delete_v2_gone)
     app.router.add_put("/_proxy/clients/{fingerprint}/stage", usage_api.put_stage)
     if WEBHOOKS in app:
         app.router.add_post(webhooks.ROUTE, webhooks.handler(app[WEBHOOKS], partial(_webhook_result, app)))

@@ -25,6 +25,7 @@ from tests.helpers import poll_until_done, upscale, v2_call
 from tests.images import decode, encode, pattern
 
 SECRET = "gradual tests"
+ADMIN = "an-admin-token-for-the-gradual-tests"
 KEYS = {name: f"sk-gradual-{name}" for name in ("legacy", "shadow", "canary", "translated", "forcing", "other")}
 DIRECT = {"upscaler_1": "R-ESRGAN 4x+ Anime6B", "upscaling_resize": 2}  # V3 has the same weights: exact
 # 30 x 22 from 12 x 9 with crop: under v1.6 the target is rounded down to a multiple of 8, under v1.3 not
@@ -157,8 +158,9 @@ async def test__forced_route__works_only_where_the_operator_allows_it(start_migr
     assert (await submit(everyone, "other", **forced))[1] == "v3"
 
 
-async def test__v2_answering_410__moves_every_client_to_the_translation_once(start_migrating, legacy, log_lines):
-    proxy = await start_migrating()
+async def test__v2_answering_410__moves_every_client_to_the_translation_once_until_the_operator_undoes_it(
+        start_migrating, legacy, log_lines):
+    proxy = await start_migrating(admin_token=ADMIN)
     legacy[1].settings.gone = 410
     task_id, served = await submit(proxy, "legacy")  # the call that found V2 gone is translated
     assert served == "v3"
@@ -169,6 +171,14 @@ async def test__v2_answering_410__moves_every_client_to_the_translation_once(sta
     assert len(gone) == 1 and gone[0]["level"] == "warning"
     (event, *_) = await proxy.server.app[MIGRATION_STORE].events()
     assert (event["to"], event["source"]) == ("translated", "fall-forward")
+
+    legacy[1].settings.gone = None  # V2 is back: the operator says so, and clients go back to their stages
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with proxy.delete("/_proxy/migration/v2-gone?why=V2+is+back", headers=admin) as resp:
+        assert resp.status == 200 and (await resp.json()) == {"v2_gone": None, "cleared": True}
+    assert proxy.server.app[ROUTER].gone is None and (await submit(proxy, "other"))[1] == "legacy"
+    async with proxy.delete("/_proxy/migration/v2-gone") as resp:
+        assert resp.status == 401
 
 
 async def test__v2_down__a_legacy_submission_gets_code_5_and_its_polls_ride_through(start_migrating, legacy):
@@ -280,6 +290,7 @@ async def test__a_failing_canary__steps_back_with_the_figures_that_made_it(start
     assert "3 of its last 3 translated calls failed" in rule.why and "failed 3, calls 3" in rule.why
     (event, *_) = await proxy.server.app[MIGRATION_STORE].events()
     assert (event["from"], event["to"], event["source"]) == ("canary", "shadow", "rollback")
+    assert event["figures"] == {"failed": 3, "calls": 3, "max_failure_rate": 0.2}
     assert (await submit(proxy, "canary"))[1] == "legacy"  # back on V2
 
 

@@ -143,6 +143,18 @@ async def migration(request: web.Request) -> web.Response:
     return json_response(await migration_view.migration(router, store, seen))
 
 
+@auth.api(cookie=False)
+async def delete_v2_gone(request: web.Request) -> web.Response:
+    """V2 answers again after it was taken to be gone (falling forward): clients go back to their
+    stages. `?why=` is kept with the event."""
+    if ROUTER not in request.app:
+        return not_found(NO_V2)
+    why = request.query.get("why", "")[:WHY_MAX]
+    by = f"admin@{request.remote or 'unknown'} (API)"
+    cleared = await request.app[ROUTER].v2_back(by=by, why=why if why.isprintable() else "")
+    return json_response({"v2_gone": None, "cleared": cleared})
+
+
 @auth.api(cookie=False)  # scripts only: the page's form posts with a CSRF token (pages.set_stage)
 async def put_stage(request: web.Request) -> web.Response:
     if ROUTER not in request.app:

@@ -81,8 +81,10 @@ class Router:
         if len(self._sides) > SIDES_KEPT:
             self._sides.popitem(last=False)
 
-    async def change(self, fingerprint: str, rule: Rule | None, *, by: str, why: str, source: str = "admin") -> Rule:
-        """Set (or, with None, clear) a client's rule at run time. -> the rule it is under now."""
+    async def change(self, fingerprint: str, rule: Rule | None, *, by: str, why: str, source: str = "admin",
+                     figures: dict | None = None) -> Rule:
+        """Set (or, with None, clear) a client's rule at run time. -> the rule it is under now.
+        `figures`: what made a rollback or promotion, kept with the event."""
         before = self.rule(fingerprint)
         if rule is not None:
             rule = Rule(rule.stage, rule.percent, rule.allow_route, source, why, by, self._clock(), rule.hold_until)
@@ -93,7 +95,7 @@ class Router:
             self.changes[fingerprint] = rule
         after = self.rule(fingerprint)
         event = {"at": self._clock(), "fingerprint": fingerprint, "from": before.stage, "to": after.stage,
-                 "percent": after.percent, "source": source, "by": by, "why": why}
+                 "percent": after.percent, "source": source, "by": by, "why": why, "figures": figures or {}}
         await self.store.add_event(event)
         log.warning("migration.stage_changed", **event)
         return after
@@ -106,3 +108,15 @@ class Router:
                      "source": "fall-forward", "by": "proxy", "why": why}
             await self.store.add_event(event)
             log.warning("migration.v2_gone", why=why, action="every client is translated from now on")
+
+    async def v2_back(self, *, by: str, why: str) -> bool:
+        """The operator says V2 answers again: clients go back to their stages (on every replica
+        within a second). False if V2 was not taken to be gone."""
+        self.gone = None
+        if not await self.store.clear_v2_gone():
+            return False
+        event = {"at": self._clock(), "fingerprint": "*", "from": "translated", "to": "*", "percent": 0,
+                 "source": "admin", "by": by, "why": why, "figures": {}}
+        await self.store.add_event(event)
+        log.warning("migration.v2_back", by=by, why=why)
+        return True

@@ -96,7 +96,7 @@ class Migration:
         if target.stage == rule.stage:
             return
         why = f"{step.why}: " + ", ".join(f"{k} {v}" for k, v in step.figures.items())
-        await self.router.change(fingerprint, target, by="proxy", why=why, source=source)
+        await self.router.change(fingerprint, target, by="proxy", why=why, source=source, figures=step.figures)
         self.health.forget(fingerprint)
 
     async def close(self) -> None:

@@ -43,6 +43,9 @@ class MigrationStore(Protocol):
     async def set_v2_gone(self, why: str) -> bool:
         """Say V2 is gone; False if another process said so first."""
 
+    async def clear_v2_gone(self) -> bool:
+        """V2 is back (the operator says so); False if it was not taken to be gone."""
+
     async def add_event(self, event: dict) -> None: ...
 
     async def events(self, limit: int = EVENTS) -> list[dict]: ...
@@ -102,6 +105,9 @@ class SqliteMigrationStore:
     async def set_v2_gone(self, why: str) -> bool:
         return self._db.execute("INSERT OR IGNORE INTO migration_flags VALUES ('v2-gone', ?)", (why,)).rowcount == 1
 
+    async def clear_v2_gone(self) -> bool:
+        return self._db.execute("DELETE FROM migration_flags WHERE name = 'v2-gone'").rowcount == 1
+
     async def add_event(self, event: dict) -> None:
         self._append("migration_events", event, EVENTS)
 
@@ -153,6 +159,9 @@ class RedisMigrationStore:
 
     async def set_v2_gone(self, why: str) -> bool:
         return bool(await self._redis.set(f"{self._p}v2-gone", why, nx=True))
+
+    async def clear_v2_gone(self) -> bool:
+        return bool(await self._redis.delete(f"{self._p}v2-gone"))
 
     async def add_event(self, event: dict) -> None:
         await self._push("events", event, EVENTS)
