@@ -259,3 +259,25 @@ async def test__audit_store__prints_the_report_from_what_the_proxy_stored(emulat
     text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", "audit", "--store"],
                                    capture_output=True, text=True, env=env, timeout=60, check=False)
     assert f"client {fp(KEY)}: 2 calls" in text.stdout and "verdict:     depends on features V3 lacks" in text.stdout
+
+
+def test__burn_down__is_the_line_through_the_days_carried_to_the_sunset():
+    days = [int(NOW // DAY) * DAY + i * DAY for i in range(5)]
+    sunset = datetime.fromtimestamp(days[3], UTC)
+    line = view.burn_down(days, [50, 40, 30, 20, 10], sunset)
+    assert line["zero_day"] == view.iso(days[4] + DAY) and line["at_sunset"] == 20
+    assert line["days"][0] == days[0] and line["projected"][:5] == [50, 40, 30, 20, 10]
+    assert view.burn_down(days, [0] * 5, sunset)["zero_day"] is None  # nothing to burn down
+
+
+async def test__overview__fits_the_burn_down_on_whole_days_only(tmp_path):
+    clock = Clock(NOW - 3 * DAY)
+    store = SqliteUsageStore(tmp_path / "usage.sqlite3")
+    for calls in (30, 20, 10):  # three whole days going down by 10, then a day just begun
+        await add(store, clock, [("a", "upscale", 0, "x")] * calls)
+        clock.now += DAY
+    await add(store, clock, [("a", "upscale", 0, "x")])
+    overview = await view.overview(store, Context(clock.now, 30, None), Filters(days=7))
+    assert overview["daily"]["v2"][-4:] == [30, 20, 10, 1]
+    assert overview["burn_down"]["zero_day"] == view.iso(view.day_of(clock.now))  # 30, 20, 10: zero today
+    await store.close()

@@ -268,15 +268,18 @@ async def overview(store: UsageStore, ctx: Context, f: Filters) -> dict:
     return {
         **{k: table[k] for k in ("generated_at", "days", "since", "sunset", "migrated_after_days", "totals")},
         "daily": {"days": days, "v2": v2, "v3": v3},
-        "burn_down": burn_down(days, v2, ctx.sunset),
+        "burn_down": burn_down(days[:-1], v2[:-1], ctx.sunset),  # today is not over: fitted on whole days
         "brownouts": [{"start": s.isoformat(), "end": e.isoformat(), "fraction": fr} for s, e, fr in ctx.brownouts],
         "top_clients": table["clients"][:10],
     }
 
 
 def burn_down(days: list[int], calls: list[int], sunset: datetime | None) -> dict:
-    """The least-squares line through the V2 calls per day, carried forward to the sunset (or 90
-    days): where it reaches zero, and what would still call V2 on sunset day."""
+    """The least-squares line through the V2 calls per day, from the first day with any, carried
+    forward to the sunset (or 90 days): where it reaches zero, and what would still call V2 on
+    sunset day. The days before the first call are no traffic's decline: they are left out."""
+    first = next((i for i, n in enumerate(calls) if n), len(calls))
+    days, calls = days[first:], calls[first:]
     n = len(days)
     if n < 2 or not any(calls):
         return {"days": [], "projected": [], "zero_day": None, "at_sunset": None}
