@@ -70,7 +70,7 @@ def main() -> None:
     try:
         wait_port_sync(up_port)
         for round_ in range(args.rounds):
-            for variant in ("with", "without"):
+            for variant in ("with", "without")[:: 1 if round_ % 2 == 0 else -1]:  # neither always first
                 with tempfile.TemporaryDirectory() as data:
                     proc = start(variant, port, f"http://127.0.0.1:{up_port}", data)
                     try:
@@ -91,6 +91,7 @@ def report(lines_file: Path) -> None:
             "|---|---|---|---|---|---|---|"]
     for load in ("small", "get"):
         got = {v: [x for x in lines if x.get("target") == v and x.get("load") == load] for v in ("with", "without")}
+        print(load, {v: [round(x["rps"]) for x in got[v]] for v in got})
         rps = {v: statistics.median(x["rps"] for x in got[v]) for v in got}
         cpu = {v: statistics.median(x["sut_cpu_us_per_req"] for x in got[v]) for v in got}
         rows.append(f"| {load} | {rps['with']:,.0f} | {rps['without']:,.0f} | {rps['with'] / rps['without']:.3f} "
