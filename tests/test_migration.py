@@ -4,6 +4,7 @@ brownouts, the translate preview, V3 pass-through, metrics and health."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import io
@@ -11,9 +12,11 @@ import json
 import re
 import subprocess
 import sys
+import zlib
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -238,6 +241,17 @@ async def test__v3_calls__pass_through_to_the_upstream(proxy, emulator):
         assert resp.status == 200 and (await resp.json())["task"]["task_id"] == task_id
     async with proxy.get("/v3/async/task-result?task_id=nope", headers=AUTH) as resp:
         assert resp.status == 404 and (await resp.json())["reason"] == "TASK_NOT_FOUND"  # V3's own error
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test__v3_pass_through__a_compressed_request_body_reaches_v3_as_a_body_it_reads(proxy, emulator, encoding):
+    raw = orjson.dumps({"request": {"model_name": "4x-UltraSharp", "scale_factor": 2, "image_base64": b64(8, 8)}})
+    packed = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    async with proxy.post("/v3/async/upscale", data=packed, headers={
+            **AUTH, "Content-Encoding": encoding, "Content-Type": "application/json"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["task_id"]
+    assert emulator[1].requests["submit"] == 1
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.headers import end_to_end
@@ -29,6 +30,16 @@ from proxy.redact import redact
 CHUNK = 64 * 1024
 MAX_ERROR_BODY = 256 * 1024  # an error reply longer than this is replaced by the proxy's own
 log = structlog.get_logger("proxy")
+
+
+def _request_headers(request: web.Request) -> CIMultiDict:
+    """The client's headers for V3. aiohttp hands the handler a gzip or deflate body decoded: it
+    goes on decoded, without the encoding and the length that described it as it came."""
+    headers = end_to_end(request.headers)
+    if headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        headers.popall("Content-Encoding")
+        headers.popall("Content-Length", None)
+    return headers
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
@@ -129,7 +140,7 @@ async def _forward(request: web.Request, body: BodyStream | None) -> web.StreamR
     metrics.calls_in_flight += 1
     try:
         async with app[SESSION].request(
-            request.method, url, headers=end_to_end(request.headers), data=body.chunks() if body else None,
+            request.method, url, headers=_request_headers(request), data=body.chunks() if body else None,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             auto_decompress=False, allow_redirects=False,
         ) as upstream:
