@@ -272,9 +272,14 @@ async def test__shadow__stays_within_its_budget(start_migrating, emulator, tmp_p
 
 # --- rollback -----------------------------------------------------------------------------------------
 
-async def test__a_failing_canary__steps_back_with_the_figures_that_made_it(start_migrating, emulator, tmp_path):
-    proxy = await start_migrating(migration_file(tmp_path, canary=("canary", 100, False)), rollback_min_calls=3,
-                                  rollback_window=5, shadow_max_per_minute=0)
+@pytest.mark.parametrize(("stage", "percent", "back", "back_percent", "then"), [
+    ("canary", 100, "shadow", 0, "legacy"),
+    ("translated", 0, "canary", 100, "v3"),  # a canary stepped back to takes UPSCALE_PROXY_PROMOTE_PERCENT
+])
+async def test__a_failing_client__steps_back_one_stage_with_the_figures_that_made_it(
+        start_migrating, emulator, tmp_path, stage, percent, back, back_percent, then):
+    proxy = await start_migrating(migration_file(tmp_path, canary=(stage, percent, False)), rollback_min_calls=3,
+                                  rollback_window=5, shadow_max_per_minute=0, promote_percent=back_percent or 10)
     emulator[1].settings.fail_rate = 1.0  # every V3 job fails
     for _ in range(3):
         task_id, served = await submit(proxy, "canary")
@@ -282,16 +287,17 @@ async def test__a_failing_canary__steps_back_with_the_figures_that_made_it(start
         assert (await poll_until_done(proxy, task_id, headers=headers("canary")))["status"] == 3
     router = proxy.server.app[ROUTER]
     for _ in range(100):
-        if router.rule(fp(KEYS["canary"])).stage != "canary":
+        if router.rule(fp(KEYS["canary"])).stage != stage:
             break
         await asyncio.sleep(0.02)
     rule = router.rule(fp(KEYS["canary"]))
-    assert (rule.stage, rule.source, rule.by) == ("shadow", "rollback", "proxy") and rule.hold_until > 0
+    assert (rule.stage, rule.percent, rule.source, rule.by) == (back, back_percent, "rollback", "proxy")
+    assert rule.hold_until > 0
     assert "3 of its last 3 translated calls failed" in rule.why and "failed 3, calls 3" in rule.why
     (event, *_) = await proxy.server.app[MIGRATION_STORE].events()
-    assert (event["from"], event["to"], event["source"]) == ("canary", "shadow", "rollback")
+    assert (event["from"], event["to"], event["source"]) == (stage, back, "rollback")
     assert event["figures"] == {"failed": 3, "calls": 3, "max_failure_rate": 0.2}
-    assert (await submit(proxy, "canary"))[1] == "legacy"  # back on V2
+    assert (await submit(proxy, "canary"))[1] == then  # a step back: V2 again, or a canary's share
 
 
 # --- a legacy SDK, unchanged, in every stage ------------------------------------------------------------

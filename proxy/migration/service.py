@@ -85,8 +85,10 @@ class Migration:
         if step is None:
             return
         rule, now = self.router.rule(fingerprint), self._clock()
-        if step.direction == "back":
-            target = Rule(step_back(rule.stage), rule.percent, rule.allow_route, hold_until=now + self._hold)
+        if step.direction == "back":  # a canary it steps back to takes the configured share, not 100 %
+            back = step_back(rule.stage)
+            target = Rule(back, self._promote_percent if back == "canary" else 0, rule.allow_route,
+                          hold_until=now + self._hold)
             source = "rollback"
         elif now < rule.hold_until:
             return
