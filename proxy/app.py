@@ -192,7 +192,10 @@ def embedded_legacy_v2(settings: LegacySettings | None) -> CleanupCtx:
     V2 upstream. Started before anything reads `v2_upstream`."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from proxy.emulator import LegacySettings, create_legacy_app  # only when asked for
+        from proxy.emulator import (  # only when asked for
+            LegacySettings,
+            create_legacy_app,
+        )
 
         s = settings or LegacySettings()
         runner = web.AppRunner(create_legacy_app(s), access_log=None)
@@ -330,7 +333,7 @@ async def task_engine(app: web.Application) -> AsyncIterator[None]:
     fetcher = _image_fetcher(app, app[UPSTREAM_URL])
     if not s.emulate_v3 and not (s.image_origins or s.image_hosts):
         log.warning("composed tasks can fetch V3 images from the upstream's origin only; "
-                    "set UPSCALE_PROXY_IMAGE_ORIGINS to the origin of V3's image URLs", allowed=str(app[UPSTREAM_URL]))
+                    "set UPSCALE_PROXY_IMAGE_ORIGINS to the origin of V3's image URLs", allowed=str(fetcher.allowed))
     engine = app[TASKS] = TaskEngine(
         app[V3], app[TASK_STORE], app[RESULTS], fetcher, app[EXECUTOR],
         EngineSettings(deadline=s.compose_deadline, lease=s.task_lease, max_pending=s.compose_max_pending,

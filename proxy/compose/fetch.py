@@ -145,7 +145,7 @@ class ImageFetcher:
             allowed = AllowedOrigins.configure(None, [e for e in entries if "://" in e],
                                                [e for e in entries if "://" not in e])
         self._session = session
-        self._allowed = allowed
+        self.allowed = allowed  # where images may come from (the log says it at start)
         self._max = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observe = observe or (lambda call, seconds: None)
@@ -163,9 +163,9 @@ class ImageFetcher:
             raise _refused(url, f"image URL scheme {url.scheme!r} refused")
         if url.user is not None or url.password is not None:
             raise _refused(url, "image URL with credentials refused")
-        origin = self._allowed.match(url)
+        origin = self.allowed.match(url)
         if origin is None:
-            if not self._allowed.allows_host(url.host or ""):  # a name is told, an address is not
+            if not self.allowed.allows_host(url.host or ""):  # a name is told, an address is not
                 host = "(an IP address)" if _ip(url.host or "") else repr(url.host)
                 raise _refused(url, f"image host {host} is not allowed (UPSCALE_PROXY_IMAGE_ORIGINS)")
             raise _refused(url, "image URL's scheme or port is not an allowed origin's (UPSCALE_PROXY_IMAGE_ORIGINS)")
