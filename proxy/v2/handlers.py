@@ -179,7 +179,7 @@ async def progress(request: web.Request) -> web.Response:
     if router is not None and await router.poll(task_id, fingerprint, request.headers.get(ROUTE_HEADER)) == "legacy":
         return await legacy_progress(request, task_id)
     try:
-        data = await _progress_data(request, task_id, key, fingerprint)
+        data = await read_progress(app, task_id, key, fingerprint, _image_url(request, task_id), audit)
     except (V3Error, StoreUnavailable) as e:
         if isinstance(e, V3Error) and not e.transient:
             raise
@@ -225,17 +225,22 @@ async def legacy_progress(request: web.Request, task_id: str) -> web.Response:
     return reply.response()
 
 
-async def _progress_data(request: web.Request, task_id: str, key: str, fingerprint: str | None) -> dict:
-    """The task's V2 progress: a composed task's from the store, a direct task's from V3's result."""
-    app, audit = request.app, request[AUDIT]
+async def read_progress(app: web.Application, task_id: str, key: str, fingerprint: str | None, image_url: str,
+                        audit: AuditRecord | None = None) -> dict:
+    """The task's V2 progress: a composed task's from the store, a direct task's from V3's result
+    (a client's poll, noted in its `audit`, or a shadow's, which is no client's and noted nowhere)."""
     if is_composed_id(task_id):
-        audit.path_taken = "composed"
-        data = await app[TASKS].progress(task_id, key, fingerprint, _image_url(request, task_id))
+        if audit is not None:  # said before the call: a call that fails took this path
+            audit.path_taken = "composed"
+        data = await app[TASKS].progress(task_id, key, fingerprint, image_url)
         if data is not None:
             return data
-    audit.path_taken = "direct"
-    result, audit.upstream_status, audit.poll_cache = await app[DIRECT].result(task_id, key, fingerprint)
-    app[METRICS].count_poll(audit.poll_cache)
+    if audit is not None:
+        audit.path_taken = "direct"
+    result, status, outcome = await app[DIRECT].result(task_id, key, fingerprint)
+    if audit is not None:
+        audit.upstream_status, audit.poll_cache = status, outcome
+        app[METRICS].count_poll(outcome)
     return progress_data(result, app[MAPPINGS].task_status, key=key)
 
 

@@ -13,12 +13,11 @@ from yarl import URL
 from proxy.compose.fetch import ImageFetcher
 from proxy.compose.task import is_composed_id
 from proxy.errors import V2Error
-from proxy.keys import DIRECT, LEGACY, MAPPINGS, TASKS, TRANSLATOR
+from proxy.keys import LEGACY, TASKS, TRANSLATOR
 from proxy.migration.legacy import LegacyUnavailable
 from proxy.migration.shadow import Refused
-from proxy.translate.progress import progress_data
 from proxy.v2.body import split_image
-from proxy.v2.handlers import submit_translation
+from proxy.v2.handlers import read_progress, submit_translation
 
 SHADOW_AGENT = "upscale-v2-proxy (shadow)"
 
@@ -37,12 +36,7 @@ class AppSides:
         return done.task_id, approximated
 
     async def translation_progress(self, task_id: str, key: str, fingerprint: str | None) -> dict:
-        if is_composed_id(task_id):
-            data = await self._app[TASKS].progress(task_id, key, fingerprint, "")
-            if data is not None:
-                return data
-        result, _, _ = await self._app[DIRECT].result(task_id, key, fingerprint)
-        return progress_data(result, self._app[MAPPINGS].task_status, key=key)
+        return await read_progress(self._app, task_id, key, fingerprint, "")  # the image is read from the store
 
     async def translation_image(self, task_id: str, data: dict, fingerprint: str | None) -> bytes:
         if is_composed_id(task_id):
