@@ -20,8 +20,9 @@ share of a poll's cost (tests/bench).
 Errors are values with a V2 code (V2Error) or V3's own (V3Error), turned into a V2 body in
 `v2_error` and nowhere else; on /v2/progress that body's `data` is a final failure (status 3, the
 message as `failed_reason`), never null. A poll meets few errors: transient faults of V3 or the
-store are answered by the handler with the task's last known state (proxy/v2/last_known.py). Anything unexpected is logged with its traceback and answered with
-code -1, never shown to the client.
+store are answered by the handler with the task's last known state (proxy/v2/last_known.py).
+Anything unexpected is logged with its traceback and answered with code -1, never shown to the
+client.
 """
 
 from __future__ import annotations
