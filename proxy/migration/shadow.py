@@ -25,7 +25,12 @@ from typing import Protocol
 
 import structlog
 
-from proxy.migration.compare import Comparison, Thresholds, compare_images, compare_outcomes
+from proxy.migration.compare import (
+    Comparison,
+    Thresholds,
+    compare_images,
+    compare_outcomes,
+)
 
 log = structlog.get_logger("proxy")
 FINAL = (2, 3, 4)
@@ -91,9 +96,6 @@ class Shadows:
         self._count = 0
         self._running: set[asyncio.Task] = set()
         self.skipped = 0  # calls the budget left unshadowed
-
-    def __len__(self) -> int:
-        return len(self._running)
 
     def start(self, body: bytes, key: str, fingerprint: str | None, legacy_task_id: str) -> bool:
         """Shadow a call V2 took, if the budget allows. -> whether it is shadowed."""
